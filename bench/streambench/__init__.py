@@ -1,0 +1,1 @@
+"""Harness behind `bench/streams_bench.py`: servers, load, workloads and the report."""

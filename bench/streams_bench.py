@@ -1,0 +1,235 @@
+"""Durable Streams benchmark: our Python server against the Node reference, in one run.
+
+    .venv/bin/python bench/streams_bench.py [--targets ours,ref-memory,ref-file]
+        [--duration 10] [--quick] [--out bench/results/<timestamp>.json]
+
+Workloads (see docs/benchmarks.md): 1. append throughput at 1/8/32 connections with and
+without producer headers (load from a Node keep-alive generator), 2. append -> long-poll
+latency, 3. SSE fan-out to 1/10/100 readers, 4. catch-up MB/s with 20/50 clients,
+5. server memory with N streams and with 100 SSE readers. Every target gets fresh servers on
+127.0.0.1 ports; every process started is stopped by pid at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streambench.model import BenchConfig, WorkloadResult
+from streambench.processes import ProcessSupervisor
+from streambench.report import TargetReport, render
+from streambench.servers import (
+    BENCH_DIR,
+    NODE_PACKAGES,
+    TARGETS,
+    RunningServer,
+    ServerStartError,
+    ensure_node_packages,
+    log_tail,
+    node_executable,
+    start_server,
+    stop_server,
+)
+from streambench.workloads import append, catchup, fanout, longpoll, memory
+
+Workload = Callable[[RunningServer, BenchConfig], Awaitable[WorkloadResult]]
+
+# Run in this order on one server per target; "memory" gets a fresh server of its own so
+# its idle figure is not inflated by the other workloads' data.
+SHARED_SERVER_WORKLOADS: dict[str, Workload] = {
+    "append": append.run,
+    "longpoll": longpoll.run,
+    "fanout": fanout.run,
+    "catchup": catchup.run,
+}
+OWN_SERVER_WORKLOADS: dict[str, Workload] = {"memory": memory.run}
+ALL_WORKLOADS = [*SHARED_SERVER_WORKLOADS, *OWN_SERVER_WORKLOADS]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--targets",
+        default="ours,ref-memory,ref-file",
+        help=f"comma-separated, from: {', '.join(TARGETS)}",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(ALL_WORKLOADS),
+        help=f"comma-separated, from: {', '.join(ALL_WORKLOADS)}",
+    )
+    parser.add_argument("--duration", type=float, help="seconds per append run (default 10)")
+    parser.add_argument(
+        "--fanout-seconds", type=float, help="seconds the SSE fan-out writer runs (default 10)"
+    )
+    parser.add_argument(
+        "--memory-streams", type=int, help="streams created for the memory figure (default 100000)"
+    )
+    parser.add_argument(
+        "--long-poll-timeout-ms", type=int, help="server long-poll timeout (default 5000)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="shrink every workload for a smoke run (~1 minute)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON results file (default bench/results/<timestamp>.json)"
+    )
+    args = parser.parse_args(argv)
+    for option, known in (("targets", TARGETS), ("workloads", ALL_WORKLOADS)):
+        chosen = [v.strip() for v in getattr(args, option).split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in known]
+        if unknown or not chosen:
+            parser.error(f"--{option}: unknown {unknown}, choose from {', '.join(known)}")
+        setattr(args, option, chosen)
+    return args
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {}
+    for arg, field_name in (
+        ("duration", "duration_s"),
+        ("fanout_seconds", "fanout_seconds"),
+        ("memory_streams", "memory_streams"),
+        ("long_poll_timeout_ms", "long_poll_timeout_ms"),
+    ):
+        value = getattr(args, arg)
+        if value is not None:
+            overrides[field_name] = value
+    return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
+
+
+async def run_on_fresh_server(
+    target: str,
+    workloads: dict[str, Workload],
+    config: BenchConfig,
+    supervisor: ProcessSupervisor,
+    report: TargetReport,
+    raw: dict[str, Any],
+) -> None:
+    label = "-".join(workloads)
+    print(f"[{target}] starting server for {', '.join(workloads)}", flush=True)
+    try:
+        server = await start_server(target, supervisor, config.long_poll_timeout_ms, label)
+    except ServerStartError as exc:
+        print(f"[{target}] server did not start: {exc}", file=sys.stderr, flush=True)
+        for name in workloads:
+            report.errors[name] = f"server did not start: {exc}"
+        return
+    try:
+        for name, workload in workloads.items():
+            started = time.perf_counter()
+            print(f"[{target}] {name} ...", flush=True)
+            try:
+                result = await workload(server, config)
+            except Exception as exc:  # one broken workload must not lose the others' figures
+                message = f"{type(exc).__name__}: {exc}"
+                print(f"[{target}] {name} FAILED: {message}", file=sys.stderr, flush=True)
+                report.errors[name] = message
+                exit_code = supervisor.exit_code(server.pid)
+                if exit_code is not None:
+                    report.errors[name] += f" (server exited {exit_code}: {log_tail(server)})"
+                    break
+                continue
+            report.metrics.extend(result.metrics)
+            raw[name] = result.raw
+            print(f"[{target}] {name} done in {time.perf_counter() - started:.1f}s", flush=True)
+    finally:
+        code = stop_server(server, supervisor)
+        print(f"[{target}] server stopped (exit code {code})", flush=True)
+
+
+async def bench_target(
+    target: str, workloads: list[str], config: BenchConfig, supervisor: ProcessSupervisor
+) -> tuple[TargetReport, dict[str, Any]]:
+    report = TargetReport(target)
+    raw: dict[str, Any] = {}
+    for group in (SHARED_SERVER_WORKLOADS, OWN_SERVER_WORKLOADS):
+        chosen = {name: run for name, run in group.items() if name in workloads}
+        if chosen:
+            await run_on_fresh_server(target, chosen, config, supervisor, report, raw)
+    return report, raw
+
+
+def environment() -> dict[str, Any]:
+    def command_output(argv: list[str]) -> str | None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        return None
+
+    return {
+        "python": platform.python_version(),
+        "node": command_output([node_executable(), "--version"]),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "git_commit": command_output(["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"]),
+        "node_packages": {pkg: version for pkg, version in NODE_PACKAGES.values()},
+    }
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    ensure_node_packages()
+    started_at = datetime.now(UTC)
+    supervisor = ProcessSupervisor()
+    reports: list[TargetReport] = []
+    raw: dict[str, Any] = {}
+    try:
+        for target in args.targets:
+            report, raw[target] = await bench_target(target, args.workloads, config, supervisor)
+            reports.append(report)
+    finally:
+        supervisor.stop_all()
+
+    table = render(reports)
+    print()
+    print(table)
+    out = args.out or BENCH_DIR / "results" / f"{started_at:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "argv": sys.argv[1:],
+        "config": config.as_dict(),
+        "environment": environment(),
+        "targets": {
+            r.target: {
+                "description": TARGETS[r.target],
+                "metrics": [m.as_dict() for m in r.metrics],
+                "errors": r.errors,
+                "raw": raw.get(r.target, {}),
+            }
+            for r in reports
+        },
+        "report_markdown": table,
+    }
+    out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"results written to {out}")
+    return 1 if any(r.errors for r in reports) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(main_async(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; every started process has been stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

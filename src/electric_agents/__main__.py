@@ -1,0 +1,3 @@
+from electric_agents.cli import main
+
+raise SystemExit(main())

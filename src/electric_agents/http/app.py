@@ -1,0 +1,106 @@
+"""The ASGI application: one object built at startup that owns the pool, the stream engine
+and the background workers, started and stopped in the ASGI lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from electric_agents.config import Settings
+from electric_agents.db.pool import open_pool
+from electric_agents.errors import ApiError
+from electric_agents.http.responses import Receive, Scope, Send, send_error, send_json
+from electric_agents.http.streams_app import StreamsApp
+from electric_agents.streams.engine import StreamEngine
+
+log = logging.getLogger(__name__)
+
+
+class ServerApp:
+    """`serve` mounts streams at the root; `streams` mounts them at `/v1/stream`."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.pool: asyncpg.Pool | None = None
+        self.engine: StreamEngine | None = None
+        self.streams_app: StreamsApp | None = None
+        self.ready = False
+        # Called once the server accepts requests (the CLI prints its banner here).
+        self.on_ready: Callable[[], None] | None = None
+
+    async def startup(self) -> None:
+        self.pool = await open_pool(self.database_url)
+        self.engine = StreamEngine(self.pool, self.database_url)
+        await self.engine.start()
+        self.streams_app = StreamsApp(
+            self.engine,
+            prefix=self.settings.stream_prefix,
+            long_poll_timeout_s=self.settings.long_poll_timeout_ms / 1000,
+            max_append_bytes=self.settings.max_append_bytes,
+        )
+        self.ready = True
+        if self.on_ready is not None:
+            self.on_ready()
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if not self.ready or self.streams_app is None:
+            await send_error(send, ApiError(503, "SERVER_STARTING", "Server is not ready"))
+            return
+        path: str = scope["path"]
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            if path.startswith("/_electric/") or path == "/_electric":
+                await self._electric(scope, receive, tracking_send, path)
+            else:
+                await self.streams_app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], path)
+            if not started:
+                await send_error(
+                    send, ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+                )
+
+    async def _electric(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if path.rstrip("/") == "/_electric/health" and scope["method"] in ("GET", "HEAD"):
+            await send_json(send, 200, {"status": "ok"})
+            return
+        await send_error(send, ApiError(404, "NOT_FOUND", "Not found"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message: dict[str, Any] = dict(await receive())
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

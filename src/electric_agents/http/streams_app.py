@@ -1,0 +1,404 @@
+"""The Durable Streams protocol over HTTP (spec/01 Part A), as a plain ASGI app.
+
+Mountable at any prefix: a request for `<prefix>/<path>` addresses the stream `<path>`. The
+first segment `__ds` is the subscription control API (§A.19), handed to its own app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs, urlparse
+
+import orjson
+
+from electric_agents.errors import ApiError
+from electric_agents.http.responses import (
+    COMMON_HEADERS,
+    Receive,
+    Scope,
+    Send,
+    encode_headers,
+    header_map,
+    read_body,
+    send_error,
+    send_response,
+)
+from electric_agents.streams.engine import StreamEngine
+from electric_agents.streams.lifecycle import CreateSpec, parse_expires_at, validate_content_type
+from electric_agents.streams.model import Message, StreamMeta, is_text_like
+from electric_agents.streams.offsets import (
+    format_offset,
+    next_cursor,
+    parse_offset,
+    parse_read_offset,
+)
+from electric_agents.streams.producers import parse_producer_headers
+from electric_agents.streams.reads import Chunk, start_position
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_TTL_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+_SUB_OFFSET_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+_CATCH_UP_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300"
+
+
+class StreamsApp:
+    def __init__(
+        self,
+        engine: StreamEngine,
+        *,
+        prefix: str,
+        long_poll_timeout_s: float,
+        max_append_bytes: int,
+        control_app: ASGIApp | None = None,
+    ) -> None:
+        self.engine = engine
+        self.prefix = prefix.rstrip("/")
+        self.long_poll_timeout_s = long_poll_timeout_s
+        self.max_append_bytes = max_append_bytes
+        self.control_app = control_app
+
+    def stream_path(self, raw_path: str) -> str | None:
+        """The stream path under the mount (no leading slash), or None if outside it."""
+        if self.prefix:
+            if raw_path != self.prefix and not raw_path.startswith(self.prefix + "/"):
+                return None
+            raw_path = raw_path[len(self.prefix) :]
+        return raw_path.lstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        path = self.stream_path(raw_path.decode("latin-1").split("?", 1)[0])
+        method = scope["method"]
+        try:
+            if path is None or path == "":
+                raise ApiError(404, "NOT_FOUND", "Not found")
+            if method == "OPTIONS":
+                await send_response(send, 204)
+                return
+            if path == "__ds" or path.startswith("__ds/"):
+                if self.control_app is None:
+                    raise ApiError(404, "NOT_FOUND", "Subscriptions are not enabled")
+                await self.control_app(scope, receive, send)
+                return
+            headers = header_map(scope)
+            if method == "GET":
+                await self._get(scope, receive, send, path, headers)
+            elif method == "HEAD":
+                await self._head(send, path)
+            elif method == "PUT":
+                await self._put(scope, receive, send, path, headers)
+            elif method == "POST":
+                await self._post(receive, send, path, headers)
+            elif method == "DELETE":
+                await self.engine.delete(path)
+                await send_response(send, 204)
+            else:
+                raise ApiError(
+                    405, "METHOD_NOT_ALLOWED", f"Method {method} is not allowed on streams"
+                )
+        except ApiError as error:
+            if method == "HEAD":
+                await send_response(send, error.status, error.headers)
+            else:
+                await send_error(send, error)
+
+    # PUT --------------------------------------------------------------------------------
+
+    async def _put(
+        self, scope: Scope, receive: Receive, send: Send, path: str, headers: dict[str, str]
+    ) -> None:
+        spec = self._create_spec(path, headers, await read_body(receive, self.max_append_bytes))
+        result = await self.engine.create(spec)
+        meta = result.meta
+        out = {
+            "Content-Type": meta.content_type,
+            "Stream-Next-Offset": format_offset(meta.tail),
+        }
+        if meta.closed:
+            out["Stream-Closed"] = "true"
+        if result.created:
+            host = headers.get("host", "localhost")
+            scheme = scope.get("scheme", "http")
+            out["Location"] = f"{scheme}://{host}{self.prefix}/{path}"
+        await send_response(send, 201 if result.created else 200, out)
+
+    def _create_spec(self, path: str, headers: dict[str, str], body: bytes) -> CreateSpec:
+        """Validate PUT headers in the order of spec/01 §A.4."""
+        ttl_raw = headers.get("stream-ttl")
+        expires_raw = headers.get("stream-expires-at")
+        if ttl_raw is not None and expires_raw is not None:
+            raise ApiError(
+                400, "INVALID_EXPIRY", "Stream-TTL and Stream-Expires-At are mutually exclusive"
+            )
+        if ttl_raw is not None and not _TTL_RE.match(ttl_raw):
+            raise ApiError(400, "INVALID_TTL", "Stream-TTL must be a non-negative integer")
+        expires_ts = parse_expires_at(expires_raw) if expires_raw is not None else None
+        fork_offset_raw = headers.get("stream-fork-offset")
+        fork_offset = None
+        if fork_offset_raw is not None:
+            fork_offset = parse_offset(fork_offset_raw)
+            if fork_offset is None:
+                raise ApiError(400, "INVALID_FORK_OFFSET", "Stream-Fork-Offset is malformed")
+        forked_from_raw = headers.get("stream-forked-from")
+        sub_raw = headers.get("stream-fork-sub-offset")
+        sub_offset = None
+        if sub_raw is not None:
+            if forked_from_raw is None:
+                raise ApiError(
+                    400, "INVALID_FORK", "Stream-Fork-Sub-Offset needs Stream-Forked-From"
+                )
+            if not _SUB_OFFSET_RE.match(sub_raw):
+                raise ApiError(
+                    400, "INVALID_FORK_SUB_OFFSET", "Stream-Fork-Sub-Offset is malformed"
+                )
+            sub_offset = int(sub_raw)
+        forked_from = None
+        if forked_from_raw is not None:
+            forked_from = self._source_path(forked_from_raw)
+        return CreateSpec(
+            path=path,
+            content_type=validate_content_type(headers.get("content-type")),
+            ttl_seconds=int(ttl_raw) if ttl_raw is not None else None,
+            expires_at=expires_raw,
+            expires_at_ts=expires_ts,
+            closed=headers.get("stream-closed", "").lower() == "true",
+            body=body,
+            forked_from_path=forked_from,
+            fork_offset=fork_offset,
+            fork_sub_offset=sub_offset,
+        )
+
+    def _source_path(self, raw: str) -> str:
+        if raw.startswith(("http://", "https://")):
+            raw = urlparse(raw).path
+        path = self.stream_path(raw if raw.startswith("/") else "/" + raw)
+        if not path:
+            raise ApiError(404, "FORK_SOURCE_NOT_FOUND", "Fork source stream not found")
+        return path
+
+    # POST -------------------------------------------------------------------------------
+
+    async def _post(self, receive: Receive, send: Send, path: str, headers: dict[str, str]) -> None:
+        # Steps 1-4 of spec/01 §A.5, before the stream is looked up.
+        producer = parse_producer_headers(
+            headers.get("producer-id"), headers.get("producer-epoch"), headers.get("producer-seq")
+        )
+        body = await read_body(receive, self.max_append_bytes)
+        close = headers.get("stream-closed", "").lower() == "true"
+        content_type = headers.get("content-type")
+        if not body and not close:
+            raise ApiError(400, "EMPTY_BODY", "An append needs a body")
+        if body and not content_type:
+            raise ApiError(400, "MISSING_CONTENT_TYPE", "An append needs a Content-Type")
+        result = await self.engine.append(
+            path,
+            content_type=content_type,
+            body=body,
+            close=close,
+            producer=producer,
+            stream_seq=headers.get("stream-seq"),
+        )
+        await send_response(send, result.status, result.headers)
+
+    # HEAD -------------------------------------------------------------------------------
+
+    async def _head(self, send: Send, path: str) -> None:
+        meta = await self.engine.head(path)
+        out = {
+            "Content-Type": meta.content_type,
+            "Stream-Next-Offset": format_offset(meta.tail),
+            "Cache-Control": "no-store",
+        }
+        if meta.ttl_seconds is not None:
+            out["Stream-TTL"] = str(meta.ttl_seconds)
+        if meta.expires_at is not None:
+            out["Stream-Expires-At"] = meta.expires_at
+        if meta.closed:
+            out["Stream-Closed"] = "true"
+        # No body, but the length a GET would have is unknown: send none.
+        raw = encode_headers(out)
+        raw.extend(COMMON_HEADERS)
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": b""})
+
+    # GET --------------------------------------------------------------------------------
+
+    async def _get(
+        self, scope: Scope, receive: Receive, send: Send, path: str, headers: dict[str, str]
+    ) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        offset = parse_read_offset(query.get("offset"))
+        live = (query.get("live") or [None])[0]
+        cursor = (query.get("cursor") or [None])[0]
+        if live in ("long-poll", "sse") and offset is None:
+            raise ApiError(400, "OFFSET_REQUIRED", "Live reads need an offset")
+        if live == "long-poll":
+            await self._long_poll(send, path, offset, cursor)
+        elif live == "sse":
+            await self._sse(receive, send, path, offset, cursor)
+        else:
+            await self._catch_up(send, path, offset, headers)
+
+    async def _catch_up(
+        self, send: Send, path: str, offset: int | str | None, headers: dict[str, str]
+    ) -> None:
+        if offset == "now":
+            meta, chunk = await self.engine.catch_up(path, None)
+            out = self._chunk_headers(meta, chunk)
+            out["Cache-Control"] = "no-store"
+            await send_response(send, 200, out, b"[]" if meta.is_json else b"")
+            return
+        after = 0 if offset is None or offset == -1 else int(offset)
+        meta, chunk = await self.engine.catch_up(path, after)
+        out = self._chunk_headers(meta, chunk)
+        etag = _etag(path, offset, after, chunk)
+        out["ETag"] = etag
+        if not chunk.up_to_date:
+            out["Cache-Control"] = _CATCH_UP_CACHE_CONTROL
+        if headers.get("if-none-match") == etag:
+            await send_response(send, 304, {"ETag": etag})
+            return
+        await send_response(send, 200, out, _body(meta, chunk.messages))
+
+    async def _long_poll(
+        self, send: Send, path: str, offset: int | str | None, cursor: str | None
+    ) -> None:
+        async with self.engine.live(path) as session:
+            meta = session.meta
+            assert meta is not None
+            after = start_position(offset, meta)
+            chunk = await session.next_chunk(after, self.long_poll_timeout_s)
+        if chunk is None:
+            await send_response(
+                send,
+                204,
+                {
+                    "Stream-Next-Offset": format_offset(after),
+                    "Stream-Up-To-Date": "true",
+                    "Stream-Cursor": next_cursor(cursor),
+                },
+            )
+            return
+        out = self._chunk_headers(meta, chunk)
+        if not chunk.closed:
+            out["Stream-Cursor"] = next_cursor(cursor)
+        if not chunk.messages and chunk.closed:
+            await send_response(send, 204, out)
+            return
+        out["ETag"] = _etag(path, offset, after, chunk)
+        await send_response(send, 200, out, _body(meta, chunk.messages))
+
+    async def _sse(
+        self,
+        receive: Receive,
+        send: Send,
+        path: str,
+        offset: int | str | None,
+        cursor: str | None,
+    ) -> None:
+        async with self.engine.live(path) as session:
+            meta = session.meta
+            assert meta is not None
+            out = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            binary = not is_text_like(meta.content_type)
+            if binary:
+                out["Stream-SSE-Data-Encoding"] = "base64"
+            raw = encode_headers(out)
+            raw.extend(COMMON_HEADERS)
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+
+            async def emit(event: bytes) -> None:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+
+            async def pump() -> None:
+                after = start_position(offset, meta)
+                wait_s = 0.0
+                while True:
+                    chunk = await session.next_chunk(after, wait_s)
+                    wait_s = self.long_poll_timeout_s
+                    if chunk is None:
+                        await emit(_control_event(after, next_cursor(cursor), True, False))
+                        continue
+                    event = b""
+                    if chunk.messages:
+                        event = _data_event(meta, chunk.messages, binary)
+                    cur = None if chunk.closed else next_cursor(cursor)
+                    event += _control_event(chunk.next_offset, cur, chunk.up_to_date, chunk.closed)
+                    await emit(event)
+                    after = chunk.next_offset
+                    if chunk.closed:
+                        return
+
+            pump_task = asyncio.create_task(pump())
+            disconnect_task = asyncio.create_task(_wait_for_disconnect(receive))
+            done, _ = await asyncio.wait(
+                {pump_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (pump_task, disconnect_task):
+                if task not in done:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            if pump_task in done and disconnect_task not in done:
+                with contextlib.suppress(ApiError):
+                    pump_task.result()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    def _chunk_headers(meta: StreamMeta, chunk: Chunk) -> dict[str, str]:
+        out = {
+            "Content-Type": meta.content_type,
+            "Stream-Next-Offset": format_offset(chunk.next_offset),
+        }
+        if chunk.up_to_date:
+            out["Stream-Up-To-Date"] = "true"
+        if chunk.closed:
+            out["Stream-Closed"] = "true"
+        return out
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _body(meta: StreamMeta, messages: list[Message]) -> bytes:
+    if meta.is_json:
+        return b"[" + b",".join(m.data for m in messages) + b"]"
+    return b"".join(m.data for m in messages)
+
+
+def _etag(path: str, offset: int | str | None, after: int, chunk: Chunk) -> str:
+    """Names (stream, start, end), and changes once the stream closes (spec/01 §A.13)."""
+    start = "-1" if offset is None or offset == -1 else format_offset(after)
+    encoded = base64.b64encode(path.encode()).decode()
+    suffix = ":c" if chunk.closed else ""
+    return f'"{encoded}:{start}:{format_offset(chunk.next_offset)}{suffix}"'
+
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+def _data_event(meta: StreamMeta, messages: list[Message], binary: bool) -> bytes:
+    payload = _body(meta, messages)
+    # Text is split on every line-break form so stored data cannot inject an SSE event.
+    lines = [base64.b64encode(payload)] if binary else _LINE_BREAK.split(payload)
+    return b"event: data\n" + b"".join(b"data:" + line + b"\n" for line in lines) + b"\n"
+
+
+def _control_event(next_offset: int, cursor: str | None, up_to_date: bool, closed: bool) -> bytes:
+    control: dict[str, object] = {"streamNextOffset": format_offset(next_offset)}
+    if cursor is not None:
+        control["streamCursor"] = cursor
+    if up_to_date:
+        control["upToDate"] = True
+    if closed:
+        control["streamClosed"] = True
+    return b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"

@@ -1,0 +1,1 @@
+"""The Durable Streams engine: storage, appends, reads, forks, expiry and subscriptions."""

@@ -1,0 +1,176 @@
+"""Waking live readers (long-poll, SSE) when a stream changes, without polling.
+
+In this process the writer publishes each committed batch directly. Other processes on the
+same database learn of it through LISTEN/NOTIFY on one channel. A `Watch` exists only while
+someone waits on a stream, so idle streams cost no memory; it keeps the newest messages the
+local writer committed so that many readers following one stream are served without a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Iterator
+
+import asyncpg
+
+from electric_agents.streams.model import Message
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "ds_stream_changes"
+_RECENT_MAX_MESSAGES = 256
+_RECENT_MAX_BYTES = 4 * 1024 * 1024
+_NOTIFY_PAYLOAD_LIMIT = 7000
+
+
+class Watch:
+    """What this process knows about one watched stream's tail."""
+
+    def __init__(self) -> None:
+        # -1 until a reader reports what it read from the database.
+        self.tail = -1
+        self.closed = False
+        self.deleted = False
+        self.waiters = 0
+        self._changed = asyncio.Event()
+        # Messages known to follow `recent_start` contiguously, up to `tail`.
+        self.recent: deque[Message] = deque()
+        self.recent_start = -1
+        self._recent_bytes = 0
+
+    def observe(self, tail: int, closed: bool) -> None:
+        """Fold in state read from the database after this watch was registered."""
+        if tail > self.tail:
+            self.recent.clear()
+            self._recent_bytes = 0
+            self.recent_start = tail
+            self.tail = tail
+        self.closed = self.closed or closed
+
+    def messages_after(self, offset: int) -> list[Message] | None:
+        """The cached messages after `offset`, or None if the cache cannot answer."""
+        if self.recent_start < 0 or offset < self.recent_start or offset > self.tail:
+            return None
+        return [m for m in self.recent if m.offset > offset]
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the next change; False on timeout."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _fire(self) -> None:
+        # Wake everyone waiting now, and arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _apply(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> None:
+        if messages and prev_tail == self.tail:
+            for message in messages:
+                self.recent.append(message)
+                self._recent_bytes += len(message.data)
+            while self.recent and (
+                len(self.recent) > _RECENT_MAX_MESSAGES or self._recent_bytes > _RECENT_MAX_BYTES
+            ):
+                dropped = self.recent.popleft()
+                self._recent_bytes -= len(dropped.data)
+                self.recent_start = dropped.offset
+        elif tail > self.tail:
+            # A change we have no bytes for: the cache only answers from the new tail on.
+            self.recent.clear()
+            self._recent_bytes = 0
+            self.recent_start = tail
+        self.tail = max(self.tail, tail)
+        self.closed = self.closed or closed
+        self._fire()
+
+
+class StreamHub:
+    def __init__(self) -> None:
+        self.instance_id = uuid.uuid4().hex[:12]
+        # Keyed by stream path: a reader registers before it reads the stream's row, so no
+        # commit can fall between its read and its registration.
+        self._watches: dict[str, Watch] = {}
+        self._listener: asyncpg.Connection | None = None
+
+    @contextlib.contextmanager
+    def watch(self, path: str) -> Iterator[Watch]:
+        """Register interest in a stream for the duration of a live read."""
+        watch = self._watches.get(path)
+        if watch is None:
+            watch = self._watches[path] = Watch()
+        watch.waiters += 1
+        try:
+            yield watch
+        finally:
+            watch.waiters -= 1
+            if watch.waiters == 0 and self._watches.get(path) is watch:
+                del self._watches[path]
+
+    def publish(
+        self, path: str, prev_tail: int, messages: list[Message], tail: int, closed: bool
+    ) -> None:
+        """A commit changed a stream."""
+        watch = self._watches.get(path)
+        if watch is not None:
+            watch._apply(prev_tail, messages, tail, closed)
+
+    def publish_deleted(self, path: str) -> None:
+        watch = self._watches.get(path)
+        if watch is not None:
+            watch.deleted = True
+            watch._fire()
+
+    # Cross-process notifications -------------------------------------------------------
+
+    def notify_payloads(
+        self, changes: list[tuple[str, int, bool]], deleted: list[str]
+    ) -> list[str]:
+        """NOTIFY payloads: `<instance> <tail>:<closed>:<path> ... -:<path> ...`.
+
+        Paths never contain spaces as received (they are percent-encoded), so space splits.
+        """
+        items = [f"{tail}:{int(closed)}:{path}" for path, tail, closed in changes]
+        items += [f"-:{path}" for path in deleted]
+        payloads: list[str] = []
+        current: list[str] = []
+        size = 0
+        for item in items:
+            if size + len(item) > _NOTIFY_PAYLOAD_LIMIT and current:
+                payloads.append(f"{self.instance_id} {' '.join(current)}")
+                current, size = [], 0
+            current.append(item)
+            size += len(item) + 1
+        if current:
+            payloads.append(f"{self.instance_id} {' '.join(current)}")
+        return payloads
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        origin, _, body = payload.partition(" ")
+        if origin == self.instance_id:
+            return
+        for item in body.split():
+            try:
+                if item.startswith("-:"):
+                    self.publish_deleted(item[2:])
+                    continue
+                tail, closed, path = item.split(":", 2)
+                self.publish(path, -1, [], int(tail), closed == "1")
+            except ValueError:
+                log.warning("ignoring malformed stream notification %r", item)
+
+    async def start(self, database_url: str) -> None:
+        self._listener = await asyncpg.connect(database_url)
+        await self._listener.add_listener(CHANNEL, self._on_notification)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None

@@ -1,0 +1,110 @@
+"""Catch-up and live reads (spec/01 §A.10, §A.11, §A.15)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+import asyncpg
+
+from electric_agents.streams import store
+from electric_agents.streams.hub import StreamHub, Watch
+from electric_agents.streams.lifecycle import require_live
+from electric_agents.streams.model import Message, StreamMeta
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A read result: the messages after a start offset, and where the reader stands."""
+
+    messages: list[Message]
+    next_offset: int
+    up_to_date: bool
+    closed: bool  # the stream is closed and this chunk reaches its final offset
+
+
+def start_position(offset: int | str | None, meta: StreamMeta) -> int:
+    """The position a read starts after: -1/absent is the beginning, `now` the tail."""
+    if offset is None or offset == -1:
+        return 0
+    if offset == "now":
+        return meta.tail
+    assert isinstance(offset, int)
+    return offset
+
+
+async def read_chunk(conn: asyncpg.Connection, meta: StreamMeta, after: int) -> Chunk:
+    """Messages after `after` up to the tail in `meta` (a consistent upper bound)."""
+    messages = await store.read_messages(conn, meta, after, meta.tail) if after < meta.tail else []
+    next_offset = messages[-1].offset if messages else max(after, meta.tail)
+    if not messages and after > meta.tail:
+        next_offset = meta.tail
+    up_to_date = next_offset >= meta.tail
+    return Chunk(messages, next_offset, up_to_date, meta.closed and up_to_date)
+
+
+class LiveSession:
+    """A long-poll or SSE reader: registered with the hub before it reads the stream row, so
+    no commit slips between its read and its wait."""
+
+    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, path: str) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._path = path
+        self._watch_cm = hub.watch(path)
+        self._watch: Watch | None = None
+        self.meta: StreamMeta | None = None
+
+    async def __aenter__(self) -> LiveSession:
+        self._watch = self._watch_cm.__enter__()
+        try:
+            async with self._pool.acquire() as conn:
+                self.meta = require_live(await store.get_meta(conn, self._path, touch=True))
+        except BaseException:
+            self._watch_cm.__exit__(None, None, None)
+            raise
+        self._watch.observe(self.meta.tail, self.meta.closed)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._watch_cm.__exit__(exc_type, exc, tb)
+
+    async def next_chunk(self, after: int, timeout_s: float) -> Chunk | None:
+        """The next data after `after`, or the closed EOF, waiting up to `timeout_s`.
+
+        None means the wait timed out with nothing new.
+        """
+        watch, meta = self._watch, self.meta
+        assert watch is not None and meta is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if watch.deleted:
+                async with self._pool.acquire() as conn:
+                    fresh = require_live(await store.get_meta(conn, self._path))
+                if fresh.id != meta.id:
+                    require_live(None)
+                watch.deleted = False
+            if after < watch.tail:
+                return await self._read(after)
+            if watch.closed:
+                return Chunk([], watch.tail, True, True)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await watch.wait(remaining):
+                return None
+
+    async def _read(self, after: int) -> Chunk:
+        watch, meta = self._watch, self.meta
+        assert watch is not None and meta is not None
+        tail, closed = watch.tail, watch.closed
+        cached = watch.messages_after(after)
+        if cached:
+            next_offset = cached[-1].offset
+            return Chunk(cached, next_offset, next_offset >= tail, closed and next_offset >= tail)
+        async with self._pool.acquire() as conn:
+            return await read_chunk(conn, replace(meta, tail=tail, closed=closed), after)
