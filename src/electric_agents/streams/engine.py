@@ -31,9 +31,13 @@ class StreamEngine:
         await self.hub.stop()
 
     async def create(self, spec: CreateSpec) -> CreateResult:
-        return await lifecycle.create_stream(self.pool, self.hub, spec)
+        result = await lifecycle.create_stream(self.pool, self.hub, spec)
+        if result.created:
+            self.writer.forget(spec.path)
+        return result
 
     async def delete(self, path: str) -> None:
+        self.writer.forget(path)
         await lifecycle.delete_stream(self.pool, self.hub, path)
 
     async def head(self, path: str) -> StreamMeta:

@@ -13,7 +13,9 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
 
@@ -27,6 +29,19 @@ _RECENT_MAX_BYTES = 4 * 1024 * 1024
 _NOTIFY_PAYLOAD_LIMIT = 7000
 
 
+@dataclass(frozen=True)
+class StreamChange:
+    """A committed change to a stream, as told to change listeners (local or remote)."""
+
+    kind: Literal["append", "created", "deleted"]
+    path: str
+    tail: int = 0
+    closed: bool = False
+
+
+ChangeListener = Callable[[StreamChange], None]
+
+
 class Watch:
     """What this process knows about one watched stream's tail."""
 
@@ -34,7 +49,7 @@ class Watch:
         # -1 until a reader reports what it read from the database.
         self.tail = -1
         self.closed = False
-        self.deleted = False
+        self.stale = False
         self.waiters = 0
         self._changed = asyncio.Event()
         # Messages known to follow `recent_start` contiguously, up to `tail`.
@@ -98,6 +113,21 @@ class StreamHub:
         # commit can fall between its read and its registration.
         self._watches: dict[str, Watch] = {}
         self._listener: asyncpg.Connection | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._database_url = ""
+        self._change_listeners: list[ChangeListener] = []
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        """Call `listener` for every committed append, close, create and delete, from this
+        process or another one on the same database. Listeners must not block."""
+        self._change_listeners.append(listener)
+
+    def _tell(self, change: StreamChange) -> None:
+        for listener in self._change_listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("stream change listener failed for %s", change.path)
 
     @contextlib.contextmanager
     def watch(self, path: str) -> Iterator[Watch]:
@@ -120,24 +150,33 @@ class StreamHub:
         watch = self._watches.get(path)
         if watch is not None:
             watch._apply(prev_tail, messages, tail, closed)
+        self._tell(StreamChange("append", path, tail, closed))
+
+    def publish_created(self, path: str) -> None:
+        self._tell(StreamChange("created", path))
 
     def publish_deleted(self, path: str) -> None:
         watch = self._watches.get(path)
         if watch is not None:
-            watch.deleted = True
+            watch.stale = True
             watch._fire()
+        self._tell(StreamChange("deleted", path))
 
     # Cross-process notifications -------------------------------------------------------
 
     def notify_payloads(
-        self, changes: list[tuple[str, int, bool]], deleted: list[str]
+        self,
+        changes: list[tuple[str, int, bool]],
+        deleted: list[str],
+        created: list[str] | None = None,
     ) -> list[str]:
-        """NOTIFY payloads: `<instance> <tail>:<closed>:<path> ... -:<path> ...`.
+        """NOTIFY payloads: `<instance> <tail>:<closed>:<path> ... -:<path> ... +:<path>`.
 
         Paths never contain spaces as received (they are percent-encoded), so space splits.
         """
         items = [f"{tail}:{int(closed)}:{path}" for path, tail, closed in changes]
         items += [f"-:{path}" for path in deleted]
+        items += [f"+:{path}" for path in created or []]
         payloads: list[str] = []
         current: list[str] = []
         size = 0
@@ -160,16 +199,48 @@ class StreamHub:
                 if item.startswith("-:"):
                     self.publish_deleted(item[2:])
                     continue
+                if item.startswith("+:"):
+                    self.publish_created(item[2:])
+                    continue
                 tail, closed, path = item.split(":", 2)
                 self.publish(path, -1, [], int(tail), closed == "1")
             except ValueError:
                 log.warning("ignoring malformed stream notification %r", item)
 
     async def start(self, database_url: str) -> None:
-        self._listener = await asyncpg.connect(database_url)
+        self._database_url = database_url
+        await self._listen()
+        self._keeper = asyncio.create_task(self._keep_listening(), name="stream-hub-listener")
+
+    async def _listen(self) -> None:
+        self._listener = await asyncpg.connect(self._database_url)
         await self._listener.add_listener(CHANNEL, self._on_notification)
 
+    async def _keep_listening(self) -> None:
+        """Reconnect a dropped LISTEN connection. Changes missed meanwhile are not lost to
+        readers: each live wait re-reads the stream when its timeout ends."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            try:
+                await self._listen()
+                self._wake_all()
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("stream change listener cannot reconnect yet: %s", error)
+
+    def _wake_all(self) -> None:
+        # After a gap in notifications, let every live reader re-check the database.
+        for watch in self._watches.values():
+            watch.stale = True
+            watch._fire()
+
     async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()

@@ -81,6 +81,9 @@ async def create_stream(pool: asyncpg.Pool, hub: StreamHub, spec: CreateSpec) ->
             meta = await _insert_new(conn, spec)
             if meta is None:
                 continue
+            for payload in hub.notify_payloads([], [], [spec.path]):
+                await store.notify(conn, CHANNEL, payload)
+        hub.publish_created(spec.path)
         return CreateResult(True, meta)
     raise ApiError(409, "STREAM_CONFLICT", "Stream is being created concurrently")
 

@@ -84,12 +84,14 @@ class LiveSession:
         assert watch is not None and meta is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            if watch.deleted:
+            if watch.stale:
+                # Deleted, or notifications were interrupted: trust only the database.
+                watch.stale = False
                 async with self._pool.acquire() as conn:
                     fresh = require_live(await store.get_meta(conn, self._path))
                 if fresh.id != meta.id:
                     require_live(None)
-                watch.deleted = False
+                watch.observe(fresh.tail, fresh.closed)
             if after < watch.tail:
                 return await self._read(after)
             if watch.closed:

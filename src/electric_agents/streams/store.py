@@ -73,6 +73,13 @@ async def get_meta(
     return StreamMeta.from_row(row) if row else None
 
 
+async def get_metas(conn: asyncpg.Connection, paths: list[str]) -> dict[str, StreamMeta]:
+    rows = await conn.fetch(
+        f"SELECT {_META_COLUMNS} FROM ds_streams WHERE path = ANY($1::text[])", paths
+    )
+    return {row["path"]: StreamMeta.from_row(row) for row in rows}
+
+
 async def lock_meta(conn: asyncpg.Connection, path: str) -> StreamMeta | None:
     row = await conn.fetchrow(SELECT_META_FOR_UPDATE, path)
     return StreamMeta.from_row(row) if row else None
@@ -221,64 +228,6 @@ async def fetch_producers(
         producer_ids,
     )
     return {(r["stream_id"], r["producer_id"]): (r["epoch"], r["last_seq"]) for r in rows}
-
-
-async def upsert_producers(
-    conn: asyncpg.Connection,
-    stream_ids: list[int],
-    producer_ids: list[str],
-    epochs: list[int],
-    seqs: list[int],
-) -> None:
-    if not stream_ids:
-        return
-    await conn.execute(
-        """
-        INSERT INTO ds_producers (stream_id, producer_id, epoch, last_seq)
-        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
-        ON CONFLICT (stream_id, producer_id)
-        DO UPDATE SET epoch = EXCLUDED.epoch, last_seq = EXCLUDED.last_seq, updated_at = now()
-        """,
-        stream_ids,
-        producer_ids,
-        epochs,
-        seqs,
-    )
-
-
-async def update_stream_tails(
-    conn: asyncpg.Connection,
-    ids: list[int],
-    tails: list[int],
-    closed: list[bool],
-    closed_by_producer: list[str | None],
-    closed_by_epoch: list[int | None],
-    closed_by_seq: list[int | None],
-    last_stream_seq: list[str | None],
-) -> None:
-    """Write the new state of every stream a batch touched, and refresh its sliding TTL."""
-    await conn.execute(
-        """
-        UPDATE ds_streams s SET
-            tail = u.tail,
-            closed = u.closed,
-            closed_by_producer = u.cbp,
-            closed_by_epoch = u.cbe,
-            closed_by_seq = u.cbs,
-            last_stream_seq = u.lss,
-            last_access_at = now()
-        FROM unnest($1::bigint[], $2::bigint[], $3::bool[], $4::text[], $5::bigint[],
-                    $6::bigint[], $7::text[]) AS u(id, tail, closed, cbp, cbe, cbs, lss)
-        WHERE s.id = u.id
-        """,
-        ids,
-        tails,
-        closed,
-        closed_by_producer,
-        closed_by_epoch,
-        closed_by_seq,
-        last_stream_seq,
-    )
 
 
 async def notify(conn: asyncpg.Connection, channel: str, payload: str) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import asyncpg
 
@@ -30,12 +32,22 @@ from electric_agents.streams.producers import (
     ProducerState,
     check_producer,
 )
+from electric_agents.streams.write_cache import CachedStream, WriteCache
 
 log = logging.getLogger(__name__)
 
 # A batch stops growing at this many requests or bytes; the rest waits for the next one.
 MAX_BATCH_REQUESTS = 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
+# Fast-path batches committing at once; each waits for its fsync while the next is built.
+MAX_IN_FLIGHT = 4
+
+T = TypeVar("T")
+
+_APPEND_BATCH = (
+    "SELECT ds_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18)"
+)
 
 
 @dataclass
@@ -61,24 +73,59 @@ class AppendResult:
 
 @dataclass
 class _WorkingStream:
-    """A locked stream's state as the batch changes it."""
+    """A stream's state as the batch changes it, starting from what was read or cached."""
 
     meta: StreamMeta
-    tail: int
-    closed: bool
-    closed_by: tuple[str, int, int] | None
-    last_stream_seq: str | None
+    # Stored producer state as of `meta` (None: none stored yet), for the producers used.
+    producers: dict[str, ProducerState | None]
+    tail: int = 0
+    closed: bool = False
+    closed_by: tuple[str, int, int] | None = None
+    last_stream_seq: str | None = None
     touched: bool = False
     new_messages: list[Message] = field(default_factory=list)
+    producer_updates: dict[str, ProducerState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        meta = self.meta
+        self.tail, self.closed, self.last_stream_seq = meta.tail, meta.closed, meta.last_stream_seq
+        if meta.closed_by_producer is not None:
+            self.closed_by = (
+                meta.closed_by_producer,
+                meta.closed_by_epoch or 0,
+                meta.closed_by_seq or 0,
+            )
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.new_messages) or self.closed != self.meta.closed
+
+    def result_meta(self) -> StreamMeta:
+        by = self.closed_by
+        return replace(
+            self.meta,
+            tail=self.tail,
+            closed=self.closed,
+            closed_by_producer=by[0] if by else None,
+            closed_by_epoch=by[1] if by else None,
+            closed_by_seq=by[2] if by else None,
+            last_stream_seq=self.last_stream_seq,
+        )
 
 
 class AppendWriter:
     def __init__(self, pool: asyncpg.Pool, hub: StreamHub) -> None:
         self._pool = pool
         self._hub = hub
+        self._cache = WriteCache()
         self._queue: list[AppendRequest] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Fast-path batches being committed, oldest first, and those that found their
+        # streams moved on and must be redone, in batch order, on the locking path.
+        self._in_flight: dict[asyncio.Task[None], set[str]] = {}
+        self._redo: list[tuple[int, list[AppendRequest]]] = []
+        self._batch_number = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="append-writer")
@@ -89,12 +136,19 @@ class AppendWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for request in self._queue:
-            if not request.future.done():
-                request.future.set_exception(
-                    ApiError(503, "SERVER_STOPPING", "Server is shutting down")
-                )
+        for task in self._in_flight:
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._in_flight.clear()
+        stopping = ApiError(503, "SERVER_STOPPING", "Server is shutting down")
+        for _, batch in self._redo:
+            self._fail(batch, stopping)
+        self._fail(self._queue, stopping)
         self._queue.clear()
+
+    def forget(self, path: str) -> None:
+        """Drop cached state for a stream changed outside the writer (create, delete)."""
+        self._cache.forget(path)
 
     async def submit(self, request: AppendRequest) -> AppendResult:
         self._queue.append(request)
@@ -102,27 +156,72 @@ class AppendWriter:
         return await request.future
 
     async def _run(self) -> None:
+        """Take batches off the queue. A batch whose streams are all cached is checked in
+        memory and its commit started; while it waits for its fsync, a batch for other
+        streams can start too. Appends to a stream being committed wait and join the next
+        batch (row locks would serialize them anyway, and one bigger batch is cheaper).
+        A batch with uncached streams waits for the pipeline to empty and commits under
+        row locks."""
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch = self._take_batch()
-                try:
-                    await self._commit(batch)
-                except asyncio.CancelledError:
-                    self._fail(batch, ApiError(503, "SERVER_STOPPING", "Server is shutting down"))
-                    raise
-                except Exception:
-                    log.exception("append batch of %d failed", len(batch))
-                    self._fail(batch, ApiError(503, "STORAGE_UNAVAILABLE", "Append failed"))
+            if self._redo:
+                await self._drain_in_flight()
+                for _, batch in sorted(self._redo, key=lambda item: item[0]):
+                    await self._guarded(batch, self._commit_locked(batch))
+                self._redo.clear()
+                continue
+            if not self._queue:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            if self._in_flight and (
+                len(self._in_flight) >= MAX_IN_FLIGHT or self._queue_overlaps_in_flight()
+            ):
+                await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            batch = self._take_batch()
+            self._batch_number += 1
+            prepared = await self._guarded(batch, self._prepare_fast(batch))
+            if prepared is None:
+                if not all(r.future.done() for r in batch):
+                    await self._drain_in_flight()
+                    await self._guarded(batch, self._commit_locked(batch))
+                continue
+            task = asyncio.create_task(self._send_fast(self._batch_number, batch, *prepared))
+            self._in_flight[task] = {r.path for r in batch}
+            task.add_done_callback(self._on_batch_done)
+
+    def _queue_overlaps_in_flight(self) -> bool:
+        busy = set().union(*self._in_flight.values())
+        return any(r.path in busy for r in self._queue[:MAX_BATCH_REQUESTS])
+
+    def _on_batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._wakeup.set()
+
+    async def _drain_in_flight(self) -> None:
+        while self._in_flight:
+            await asyncio.wait(list(self._in_flight))
+
+    async def _guarded(self, batch: list[AppendRequest], step: Awaitable[T]) -> T | None:
+        """Run one step of a batch; a storage failure answers its requests with a 503."""
+        try:
+            return await step
+        except asyncio.CancelledError:
+            self._fail(batch, ApiError(503, "SERVER_STOPPING", "Server is shutting down"))
+            raise
+        except Exception:
+            log.exception("append batch of %d failed", len(batch))
+            for request in batch:
+                self._cache.forget(request.path)
+            self._fail(batch, ApiError(503, "STORAGE_UNAVAILABLE", "Append failed"))
+            return None
 
     def _take_batch(self) -> list[AppendRequest]:
         size = 0
         count = 0
         for request in self._queue:
-            if count and (
-                count >= MAX_BATCH_REQUESTS or size + len(request.body) > MAX_BATCH_BYTES
-            ):
+            too_big = count and size + len(request.body) > MAX_BATCH_BYTES
+            if count >= MAX_BATCH_REQUESTS or too_big:
                 break
             size += len(request.body)
             count += 1
@@ -135,39 +234,183 @@ class AppendWriter:
             if not request.future.done():
                 request.future.set_exception(error)
 
-    async def _commit(self, batch: list[AppendRequest]) -> None:
-        outcomes: list[AppendResult | ApiError] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            paths = sorted({r.path for r in batch})
-            metas = await store.lock_metas(conn, paths)
-            working = {
-                path: _WorkingStream(
-                    meta=meta,
-                    tail=meta.tail,
-                    closed=meta.closed,
-                    closed_by=(
-                        (
-                            meta.closed_by_producer,
-                            meta.closed_by_epoch or 0,
-                            meta.closed_by_seq or 0,
-                        )
-                        if meta.closed_by_producer is not None
-                        else None
-                    ),
-                    last_stream_seq=meta.last_stream_seq,
-                )
-                for path, meta in metas.items()
-            }
-            producers = await self._load_producers(conn, batch, metas)
-            producer_updates: dict[tuple[int, str], ProducerState] = {}
+    # The fast path: checked in memory, committed in one statement -----------------------
+
+    async def _prepare_fast(
+        self, batch: list[AppendRequest]
+    ) -> tuple[dict[str, _WorkingStream], list[AppendResult | ApiError]] | None:
+        """Apply the batch to the cached state (None if some stream is not cached as
+        current), and fold the result into the cache before it commits."""
+        entries = await self._cached_entries(batch)
+        if entries is None:
+            return None
+        working = {path: _WorkingStream(e.meta, dict(e.producers)) for path, e in entries.items()}
+        outcomes = self._apply_all(batch, working)
+        for path, stream in working.items():
+            entry = entries[path]
+            entry.meta = stream.result_meta()
+            for producer_id, state in stream.producer_updates.items():
+                self._cache.remember_producer(entry, producer_id, state)
+        return working, outcomes
+
+    async def _send_fast(
+        self,
+        number: int,
+        batch: list[AppendRequest],
+        working: dict[str, _WorkingStream],
+        outcomes: list[AppendResult | ApiError],
+    ) -> None:
+        async def commit() -> bool:
+            async with self._pool.acquire() as conn:
+                return await self._write(conn, working)
+
+        moved = await self._guarded(batch, commit())
+        if moved is None:
+            return
+        if moved:
+            # Our view was stale (another process wrote): redo on the locking path.
             for request in batch:
-                stream = working.get(request.path)
-                try:
-                    outcomes.append(self._apply(request, stream, producers, producer_updates))
-                except ApiError as error:
-                    outcomes.append(error)
-            await self._write(conn, working, producer_updates)
-        self._publish(working)
+                self._cache.forget(request.path)
+            self._redo.append((number, batch))
+            return
+        self._finish(batch, working, outcomes)
+
+    async def _cached_entries(self, batch: list[AppendRequest]) -> dict[str, CachedStream] | None:
+        """Cache entries for every stream and producer of the batch, reading misses from
+        the database (without locks); None if some stream cannot take the fast path."""
+        paths = {r.path for r in batch}
+        entries = {p: e for p in paths if (e := self._cache.get(p)) is not None}
+        missing = [p for p in paths if p not in entries]
+        if missing:
+            async with self._pool.acquire() as conn:
+                for meta in (await store.get_metas(conn, missing)).values():
+                    entry = self._cache.put_fresh(meta)
+                    if entry is not None:
+                        entries[meta.path] = entry
+            if len(entries) < len(paths):
+                return None
+        wanted = {
+            (r.path, r.producer.producer_id)
+            for r in batch
+            if r.producer is not None and r.producer.producer_id not in entries[r.path].producers
+        }
+        if wanted:
+            keys = [(entries[path].meta.id, pid) for path, pid in wanted]
+            async with self._pool.acquire() as conn:
+                found = await store.fetch_producers(
+                    conn, [k[0] for k in keys], [k[1] for k in keys]
+                )
+            for path, pid in wanted:
+                state = found.get((entries[path].meta.id, pid))
+                self._cache.remember_producer(
+                    entries[path], pid, ProducerState(*state) if state else None
+                )
+        return entries
+
+    # The locking path: any stream not cached as current ---------------------------------
+
+    async def _commit_locked(self, batch: list[AppendRequest]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            metas = await store.lock_metas(conn, sorted({r.path for r in batch}))
+            keys = {
+                (metas[r.path].id, r.producer.producer_id)
+                for r in batch
+                if r.producer is not None and r.path in metas
+            }
+            stored = (
+                await store.fetch_producers(conn, [k[0] for k in keys], [k[1] for k in keys])
+                if keys
+                else {}
+            )
+            working: dict[str, _WorkingStream] = {}
+            for path, meta in metas.items():
+                used = {pid for sid, pid in keys if sid == meta.id}
+                working[path] = _WorkingStream(
+                    meta,
+                    {
+                        pid: ProducerState(*stored[(meta.id, pid)])
+                        if (meta.id, pid) in stored
+                        else None
+                        for pid in used
+                    },
+                )
+            outcomes = self._apply_all(batch, working)
+            if await self._write(conn, working):
+                raise RuntimeError("locked streams changed during an append batch")
+        for stream in working.values():
+            entry = self._cache.put_fresh(stream.result_meta())
+            if entry is not None:
+                for producer_id, state in {**stream.producers, **stream.producer_updates}.items():
+                    self._cache.remember_producer(entry, producer_id, state)
+        self._finish(batch, working, outcomes)
+
+    async def _write(self, conn: asyncpg.Connection, working: dict[str, _WorkingStream]) -> bool:
+        """Write the batch's effects in one statement; True if some stream moved on since
+        it was read (then nothing was written)."""
+        touched = sorted((w for w in working.values() if w.touched), key=lambda w: w.meta.id)
+        if not touched:
+            return False
+        messages = [(w.meta.id, m) for w in touched for m in w.new_messages]
+        producers = [
+            (w.meta.id, pid, state) for w in touched for pid, state in w.producer_updates.items()
+        ]
+        closed_by = [w.closed_by or (None, None, None) for w in touched]
+        moved = await conn.fetchval(
+            _APPEND_BATCH,
+            [w.meta.id for w in touched],
+            [w.meta.tail for w in touched],
+            [w.meta.closed for w in touched],
+            [w.tail for w in touched],
+            [w.closed for w in touched],
+            [c[0] for c in closed_by],
+            [c[1] for c in closed_by],
+            [c[2] for c in closed_by],
+            [w.last_stream_seq for w in touched],
+            [sid for sid, _ in messages],
+            [m.offset for _, m in messages],
+            [m.data for _, m in messages],
+            [sid for sid, _, _ in producers],
+            [pid for _, pid, _ in producers],
+            [state.epoch for _, _, state in producers],
+            [state.last_seq for _, _, state in producers],
+            CHANNEL,
+            self._notify_payloads(working),
+        )
+        return bool(moved)
+
+    # Shared by both paths ----------------------------------------------------------------
+
+    def _apply_all(
+        self, batch: list[AppendRequest], working: dict[str, _WorkingStream]
+    ) -> list[AppendResult | ApiError]:
+        outcomes: list[AppendResult | ApiError] = []
+        for request in batch:
+            try:
+                outcomes.append(_apply(request, working.get(request.path)))
+            except ApiError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _notify_payloads(self, working: dict[str, _WorkingStream]) -> list[str]:
+        changed = [(s.meta.path, s.tail, s.closed) for s in working.values() if s.changed]
+        return self._hub.notify_payloads(changed, []) if changed else []
+
+    def _finish(
+        self,
+        batch: list[AppendRequest],
+        working: dict[str, _WorkingStream],
+        outcomes: list[AppendResult | ApiError],
+    ) -> None:
+        """After the commit: wake readers, then answer every request."""
+        for stream in working.values():
+            if stream.changed:
+                self._hub.publish(
+                    stream.meta.path,
+                    stream.meta.tail,
+                    stream.new_messages,
+                    stream.tail,
+                    stream.closed,
+                )
         for request, outcome in zip(batch, outcomes, strict=True):
             if request.future.done():
                 continue
@@ -176,143 +419,67 @@ class AppendWriter:
             else:
                 request.future.set_result(outcome)
 
-    @staticmethod
-    async def _load_producers(
-        conn: asyncpg.Connection, batch: list[AppendRequest], metas: dict[str, StreamMeta]
-    ) -> dict[tuple[int, str], ProducerState]:
-        keys = {
-            (metas[r.path].id, r.producer.producer_id)
-            for r in batch
-            if r.producer is not None and r.path in metas
-        }
-        if not keys:
-            return {}
-        ids, pids = zip(*keys, strict=True)
-        rows = await store.fetch_producers(conn, list(ids), list(pids))
-        return {key: ProducerState(epoch, seq) for key, (epoch, seq) in rows.items()}
 
-    @staticmethod
-    def _apply(
-        request: AppendRequest,
-        stream: _WorkingStream | None,
-        producers: dict[tuple[int, str], ProducerState],
-        producer_updates: dict[tuple[int, str], ProducerState],
-    ) -> AppendResult:
-        """One append against the locked state, in the order of spec/01 §A.5 steps 5-11."""
-        if stream is None or stream.meta.presence is Presence.MISSING:
-            raise ApiError(404, "STREAM_NOT_FOUND", "Stream not found")
-        if stream.meta.presence is Presence.GONE:
-            raise ApiError(410, "STREAM_GONE", "Stream has been deleted")
-        stream.touched = True
-        producer = request.producer
-        close_only = request.close and not request.body
-        if stream.closed:
-            return _closed_stream_outcome(request, stream)
-        if not close_only and media_type(request.content_type) != media_type(
-            stream.meta.content_type
-        ):
-            raise ApiError(409, "CONTENT_TYPE_MISMATCH", "Content-Type does not match the stream")
-        key = (stream.meta.id, producer.producer_id) if producer else None
-        next_state: ProducerState | None = None
-        if producer is not None and key is not None:
-            state = producer_updates.get(key) or producers.get(key)
-            outcome, next_state = check_producer(producer, state)
-            if outcome is ProducerOutcome.DUPLICATE:
-                return AppendResult(
-                    204,
-                    {
-                        "Stream-Next-Offset": format_offset(stream.tail),
-                        "Producer-Epoch": str(producer.epoch),
-                        "Producer-Seq": str(next_state.last_seq),
-                    },
-                )
-        if (
-            request.stream_seq is not None
-            and stream.last_stream_seq is not None
-            and request.stream_seq <= stream.last_stream_seq
-        ):
-            raise ApiError(409, "SEQUENCE_CONFLICT", "Stream-Seq must increase")
-        if not close_only:
-            if request.json_error is not None:
-                raise request.json_error
-            if request.json_batch is not None:
-                offset = stream.tail + request.json_batch.size + MESSAGE_OVERHEAD
-                data = request.json_batch.encode(offset)
-            else:
-                offset = stream.tail + len(request.body) + MESSAGE_OVERHEAD
-                data = request.body
-            stream.new_messages.append(Message(offset, data))
-            stream.tail = offset
-        if request.stream_seq is not None:
-            stream.last_stream_seq = request.stream_seq
-        headers = {"Stream-Next-Offset": format_offset(stream.tail)}
-        if request.close:
-            stream.closed = True
-            headers["Stream-Closed"] = "true"
-            if producer is not None:
-                stream.closed_by = (producer.producer_id, producer.epoch, producer.seq)
-        if producer is not None and key is not None and next_state is not None:
-            producer_updates[key] = next_state
-            headers["Producer-Epoch"] = str(next_state.epoch)
-            headers["Producer-Seq"] = str(next_state.last_seq)
-            # An accepted producer append is a 200; a close-only request stays a 204.
-            return AppendResult(204 if close_only else 200, headers)
-        return AppendResult(204, headers)
-
-    async def _write(
-        self,
-        conn: asyncpg.Connection,
-        working: dict[str, _WorkingStream],
-        producer_updates: dict[tuple[int, str], ProducerState],
-    ) -> None:
-        touched = [s for s in working.values() if s.touched]
-        message_ids: list[int] = []
-        offsets: list[int] = []
-        datas: list[bytes] = []
-        for stream in touched:
-            for message in stream.new_messages:
-                message_ids.append(stream.meta.id)
-                offsets.append(message.offset)
-                datas.append(message.data)
-        await store.insert_messages(conn, message_ids, offsets, datas)
-        if touched:
-            await store.update_stream_tails(
-                conn,
-                [s.meta.id for s in touched],
-                [s.tail for s in touched],
-                [s.closed for s in touched],
-                [s.closed_by[0] if s.closed_by else None for s in touched],
-                [s.closed_by[1] if s.closed_by else None for s in touched],
-                [s.closed_by[2] if s.closed_by else None for s in touched],
-                [s.last_stream_seq for s in touched],
+def _apply(request: AppendRequest, stream: _WorkingStream | None) -> AppendResult:
+    """One append against the batch's view of its stream, in the order of spec/01 §A.5
+    steps 5-11. Changes only the working copy."""
+    if stream is None or stream.meta.presence is Presence.MISSING:
+        raise ApiError(404, "STREAM_NOT_FOUND", "Stream not found")
+    if stream.meta.presence is Presence.GONE:
+        raise ApiError(410, "STREAM_GONE", "Stream has been deleted")
+    stream.touched = True
+    producer = request.producer
+    close_only = request.close and not request.body
+    if stream.closed:
+        return _closed_stream_outcome(request, stream)
+    if not close_only and media_type(request.content_type) != media_type(stream.meta.content_type):
+        raise ApiError(409, "CONTENT_TYPE_MISMATCH", "Content-Type does not match the stream")
+    next_state: ProducerState | None = None
+    if producer is not None:
+        pid = producer.producer_id
+        state = stream.producer_updates.get(pid) or stream.producers.get(pid)
+        outcome, next_state = check_producer(producer, state)
+        if outcome is ProducerOutcome.DUPLICATE:
+            return AppendResult(
+                204,
+                {
+                    "Stream-Next-Offset": format_offset(stream.tail),
+                    "Producer-Epoch": str(producer.epoch),
+                    "Producer-Seq": str(next_state.last_seq),
+                },
             )
-        if producer_updates:
-            keys = list(producer_updates)
-            await store.upsert_producers(
-                conn,
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [producer_updates[k].epoch for k in keys],
-                [producer_updates[k].last_seq for k in keys],
-            )
-        changed = [
-            (s.meta.path, s.tail, s.closed)
-            for s in touched
-            if s.new_messages or s.closed != s.meta.closed
-        ]
-        for payload in self._hub.notify_payloads(changed, []):
-            await store.notify(conn, CHANNEL, payload)
-
-    def _publish(self, working: dict[str, _WorkingStream]) -> None:
-        for stream in working.values():
-            if stream.new_messages or stream.closed != stream.meta.closed:
-                self._hub.publish(
-                    stream.meta.path,
-                    stream.meta.tail,
-                    stream.new_messages,
-                    stream.tail,
-                    stream.closed,
-                )
+    if (
+        request.stream_seq is not None
+        and stream.last_stream_seq is not None
+        and request.stream_seq <= stream.last_stream_seq
+    ):
+        raise ApiError(409, "SEQUENCE_CONFLICT", "Stream-Seq must increase")
+    if not close_only:
+        if request.json_error is not None:
+            raise request.json_error
+        if request.json_batch is not None:
+            offset = stream.tail + request.json_batch.size + MESSAGE_OVERHEAD
+            data = request.json_batch.encode(offset)
+        else:
+            offset = stream.tail + len(request.body) + MESSAGE_OVERHEAD
+            data = request.body
+        stream.new_messages.append(Message(offset, data))
+        stream.tail = offset
+    if request.stream_seq is not None:
+        stream.last_stream_seq = request.stream_seq
+    headers = {"Stream-Next-Offset": format_offset(stream.tail)}
+    if request.close:
+        stream.closed = True
+        headers["Stream-Closed"] = "true"
+        if producer is not None:
+            stream.closed_by = (producer.producer_id, producer.epoch, producer.seq)
+    if producer is not None and next_state is not None:
+        stream.producer_updates[producer.producer_id] = next_state
+        headers["Producer-Epoch"] = str(next_state.epoch)
+        headers["Producer-Seq"] = str(next_state.last_seq)
+        # An accepted producer append is a 200; a close-only request stays a 204.
+        return AppendResult(204 if close_only else 200, headers)
+    return AppendResult(204, headers)
 
 
 def _closed_stream_outcome(request: AppendRequest, stream: _WorkingStream) -> AppendResult:
