@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import asyncpg
 
 from electric_agents.errors import ApiError
@@ -14,6 +18,10 @@ from electric_agents.streams.producers import ProducerHeaders
 from electric_agents.streams.reads import Chunk, LiveSession, read_chunk
 from electric_agents.streams.writer import AppendRequest, AppendResult, AppendWriter
 
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 60.0
+
 
 class StreamEngine:
     def __init__(self, pool: asyncpg.Pool, database_url: str) -> None:
@@ -21,14 +29,29 @@ class StreamEngine:
         self.hub = StreamHub()
         self.writer = AppendWriter(pool, self.hub)
         self._database_url = database_url
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.hub.start(self._database_url)
         self.writer.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="stream-expiry-sweeper")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.writer.stop()
         await self.hub.stop()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                while await lifecycle.sweep_expired(self.pool, self.hub) > 0:
+                    await asyncio.sleep(0)
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("expired stream sweep failed: %s", error)
 
     async def create(self, spec: CreateSpec) -> CreateResult:
         result = await lifecycle.create_stream(self.pool, self.hub, spec)

@@ -238,3 +238,18 @@ def require_live(meta: StreamMeta | None) -> StreamMeta:
 
 def validate_content_type(raw: str | None) -> str | None:
     return raw if raw is not None and is_valid_content_type(raw) else None
+
+
+async def sweep_expired(pool: asyncpg.Pool, hub: StreamHub, *, limit: int = 500) -> int:
+    """Remove expired streams that no fork reads. Expiry is enforced at request time
+    anyway (spec/01 §A.17); this only gives the storage back."""
+    async with pool.acquire() as conn, conn.transaction():
+        doomed = await store.lock_expired_unreferenced(conn, limit)
+        for stream_id, _ in doomed:
+            await store.hard_delete(conn, stream_id)
+        paths = [path for _, path in doomed]
+        for payload in hub.notify_payloads([], paths):
+            await store.notify(conn, CHANNEL, payload)
+    for path in paths:
+        hub.publish_deleted(path)
+    return len(doomed)

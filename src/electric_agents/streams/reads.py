@@ -37,9 +37,8 @@ def start_position(offset: int | str | None, meta: StreamMeta) -> int:
 async def read_chunk(conn: asyncpg.Connection, meta: StreamMeta, after: int) -> Chunk:
     """Messages after `after` up to the tail in `meta` (a consistent upper bound)."""
     messages = await store.read_messages(conn, meta, after, meta.tail) if after < meta.tail else []
-    next_offset = messages[-1].offset if messages else max(after, meta.tail)
-    if not messages and after > meta.tail:
-        next_offset = meta.tail
+    # With nothing to return (at, or beyond, the tail) the reader is sent to the tail.
+    next_offset = messages[-1].offset if messages else meta.tail
     up_to_date = next_offset >= meta.tail
     return Chunk(messages, next_offset, up_to_date, meta.closed and up_to_date)
 

@@ -214,6 +214,19 @@ async def hard_delete(conn: asyncpg.Connection, stream_id: int) -> list[int]:
     return removed
 
 
+async def lock_expired_unreferenced(conn: asyncpg.Connection, limit: int) -> list[tuple[int, str]]:
+    """Expired streams no fork reads any more, locked for removal (skipping busy rows)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT id, path FROM ds_streams
+        WHERE ref_count = 0 AND (soft_deleted OR {_EXPIRED})
+        LIMIT $1 FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+    return [(row["id"], row["path"]) for row in rows]
+
+
 async def fetch_producers(
     conn: asyncpg.Connection, stream_ids: list[int], producer_ids: list[str]
 ) -> dict[tuple[int, str], tuple[int, int]]:
