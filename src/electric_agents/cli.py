@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -82,6 +83,23 @@ def _bind(settings: Settings) -> tuple[socket.socket, Settings]:
     return sock, replace(settings, port=sock.getsockname()[1])
 
 
+def _database_problem(database_url: str) -> str | None:
+    """Why the database cannot be reached, or None if a connection succeeds."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(database_url, timeout=10)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
 def run_server(settings: Settings, *, banner: str) -> int:
     import uvicorn
 
@@ -96,7 +114,13 @@ def run_server(settings: Settings, *, banner: str) -> int:
 
     embedded: EmbeddedPostgres | None = None
     database_url = settings.database_url
-    if database_url is None:
+    if database_url is not None:
+        problem = _database_problem(database_url)
+        if problem:
+            sock.close()
+            print(f"electric-agents: error: cannot connect to database: {problem}", file=sys.stderr)
+            return 2
+    else:
         embedded = EmbeddedPostgres(settings.data_dir / "pg")
         database_url = embedded.start()
     try:
@@ -119,6 +143,10 @@ def run_server(settings: Settings, *, banner: str) -> int:
             proxy_headers=False,
         )
         server = uvicorn.Server(config)
+        # uvicorn handles SIGINT/SIGTERM while it serves, then re-raises the signal against
+        # the handlers it found. Make those no-ops so we get here and stop Postgres cleanly.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: None)
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:

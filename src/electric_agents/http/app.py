@@ -14,7 +14,9 @@ from electric_agents.db.pool import open_pool
 from electric_agents.errors import ApiError
 from electric_agents.http.responses import Receive, Scope, Send, send_error, send_json
 from electric_agents.http.streams_app import StreamsApp
+from electric_agents.http.subscriptions_app import SubscriptionsApp
 from electric_agents.streams.engine import StreamEngine
+from electric_agents.streams.subscription_service import SubscriptionService
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class ServerApp:
         self.pool: asyncpg.Pool | None = None
         self.engine: StreamEngine | None = None
         self.streams_app: StreamsApp | None = None
+        self.subscriptions: SubscriptionService | None = None
         self.ready = False
         # Called once the server accepts requests (the CLI prints its banner here).
         self.on_ready: Callable[[], None] | None = None
@@ -36,11 +39,21 @@ class ServerApp:
         self.pool = await open_pool(self.database_url)
         self.engine = StreamEngine(self.pool, self.database_url)
         await self.engine.start()
+        control_app = None
+        if self.settings.subscriptions:
+            self.subscriptions = SubscriptionService(
+                self.engine,
+                public_root=self.settings.public_url + self.settings.stream_prefix,
+                database_url=self.database_url,
+            )
+            await self.subscriptions.start()
+            control_app = SubscriptionsApp(self.subscriptions, prefix=self.settings.stream_prefix)
         self.streams_app = StreamsApp(
             self.engine,
             prefix=self.settings.stream_prefix,
             long_poll_timeout_s=self.settings.long_poll_timeout_ms / 1000,
             max_append_bytes=self.settings.max_append_bytes,
+            control_app=control_app,
         )
         self.ready = True
         if self.on_ready is not None:
@@ -48,6 +61,8 @@ class ServerApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self.subscriptions is not None:
+            await self.subscriptions.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.pool is not None:
@@ -96,7 +111,7 @@ class ServerApp:
                 try:
                     await self.startup()
                 except Exception as exc:
-                    log.exception("startup failed")
+                    log.error("startup failed: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})

@@ -41,8 +41,14 @@ from electric_agents.streams.reads import Chunk, start_position
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_TTL_RE = re.compile(r"^(0|[1-9][0-9]*)$")
-_SUB_OFFSET_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+_TTL_RE = re.compile(r"0|[1-9][0-9]{0,9}")
+_SUB_OFFSET_RE = re.compile(r"0|[1-9][0-9]{0,9}")
+# Larger values are refused with a 400 rather than overflowing the database's types.
+MAX_TTL_SECONDS = (1 << 31) - 1
+MAX_SUB_OFFSET = (1 << 31) - 1
+# Longer paths cannot be indexed (Postgres limits index rows to about 2.7 kB).
+MAX_PATH_BYTES = 1024
+_STREAM_METHODS = "GET, HEAD, PUT, POST, DELETE, OPTIONS"
 _CATCH_UP_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300"
 
 
@@ -77,6 +83,10 @@ class StreamsApp:
         try:
             if path is None or path == "":
                 raise ApiError(404, "NOT_FOUND", "Not found")
+            if len(path) > MAX_PATH_BYTES:
+                raise ApiError(
+                    414, "PATH_TOO_LONG", f"Stream paths are limited to {MAX_PATH_BYTES} bytes"
+                )
             if method == "OPTIONS":
                 await send_response(send, 204)
                 return
@@ -99,7 +109,10 @@ class StreamsApp:
                 await send_response(send, 204)
             else:
                 raise ApiError(
-                    405, "METHOD_NOT_ALLOWED", f"Method {method} is not allowed on streams"
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"Method {method} is not allowed on streams",
+                    headers={"Allow": _STREAM_METHODS},
                 )
         except ApiError as error:
             if method == "HEAD":
@@ -135,8 +148,12 @@ class StreamsApp:
             raise ApiError(
                 400, "INVALID_EXPIRY", "Stream-TTL and Stream-Expires-At are mutually exclusive"
             )
-        if ttl_raw is not None and not _TTL_RE.match(ttl_raw):
-            raise ApiError(400, "INVALID_TTL", "Stream-TTL must be a non-negative integer")
+        if ttl_raw is not None and (
+            not _TTL_RE.fullmatch(ttl_raw) or int(ttl_raw) > MAX_TTL_SECONDS
+        ):
+            raise ApiError(
+                400, "INVALID_TTL", f"Stream-TTL must be an integer from 0 to {MAX_TTL_SECONDS}"
+            )
         expires_ts = parse_expires_at(expires_raw) if expires_raw is not None else None
         fork_offset_raw = headers.get("stream-fork-offset")
         fork_offset = None
@@ -152,7 +169,7 @@ class StreamsApp:
                 raise ApiError(
                     400, "INVALID_FORK", "Stream-Fork-Sub-Offset needs Stream-Forked-From"
                 )
-            if not _SUB_OFFSET_RE.match(sub_raw):
+            if not _SUB_OFFSET_RE.fullmatch(sub_raw) or int(sub_raw) > MAX_SUB_OFFSET:
                 raise ApiError(
                     400, "INVALID_FORK_SUB_OFFSET", "Stream-Fork-Sub-Offset is malformed"
                 )

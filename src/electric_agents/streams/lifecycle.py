@@ -56,11 +56,14 @@ def parse_expires_at(raw: str) -> datetime:
         raise ApiError(400, "INVALID_EXPIRES_AT", "Stream-Expires-At must be an RFC 3339 timestamp")
     try:
         parsed = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        # Normalising to UTC can leave the representable range at the calendar's edges.
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ApiError(
             400, "INVALID_EXPIRES_AT", "Stream-Expires-At must be an RFC 3339 timestamp"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 async def create_stream(pool: asyncpg.Pool, hub: StreamHub, spec: CreateSpec) -> CreateResult:

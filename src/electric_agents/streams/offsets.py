@@ -19,7 +19,7 @@ MESSAGE_OVERHEAD = 5
 # Larger than any real position: the upper bound of a stream's own segment in a read.
 OFFSET_INFINITY = 1 << 62
 
-_OFFSET_RE = re.compile(r"^(\d+)_(\d+)$")
+_OFFSET_RE = re.compile(r"([0-9]{1,19})_([0-9]{1,19})")
 _CURSOR_EPOCH_S = 1728432000  # 2024-10-09T00:00:00Z
 _CURSOR_INTERVAL_S = 20
 
@@ -30,10 +30,11 @@ def format_offset(position: int) -> str:
 
 def parse_offset(token: str) -> int | None:
     """The byte position of a well-formed offset token, or None if it is malformed."""
-    match = _OFFSET_RE.match(token)
+    match = _OFFSET_RE.fullmatch(token)
     if match is None:
         return None
-    return int(match.group(2))
+    position = int(match.group(2))
+    return position if position < OFFSET_INFINITY else None
 
 
 def parse_read_offset(values: list[str] | None) -> int | str | None:

@@ -12,6 +12,7 @@ from enum import Enum
 from electric_agents.errors import ApiError
 
 MAX_SAFE_INTEGER = (1 << 53) - 1
+MAX_PRODUCER_ID_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,16 @@ def parse_producer_headers(
     assert producer_id is not None and epoch is not None and seq is not None
     if producer_id == "":
         raise ApiError(400, "INVALID_PRODUCER", "Producer-Id must not be empty")
+    if len(producer_id) > MAX_PRODUCER_ID_LENGTH:
+        raise ApiError(
+            400,
+            "INVALID_PRODUCER",
+            f"Producer-Id is longer than {MAX_PRODUCER_ID_LENGTH} characters",
+        )
     numbers = []
     for name, raw in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
-        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_SAFE_INTEGER:
+        in_range = raw.isascii() and raw.isdigit() and len(raw) <= 16
+        if not in_range or int(raw) > MAX_SAFE_INTEGER:
             raise ApiError(400, "INVALID_PRODUCER", f"{name} must be a non-negative integer")
         numbers.append(int(raw))
     return ProducerHeaders(producer_id, numbers[0], numbers[1])

@@ -166,7 +166,7 @@ class AppendWriter:
             if self._redo:
                 await self._drain_in_flight()
                 for _, batch in sorted(self._redo, key=lambda item: item[0]):
-                    await self._guarded(batch, self._commit_locked(batch))
+                    await self._commit_locked_isolating(batch)
                 self._redo.clear()
                 continue
             if not self._queue:
@@ -184,7 +184,7 @@ class AppendWriter:
             if prepared is None:
                 if not all(r.future.done() for r in batch):
                     await self._drain_in_flight()
-                    await self._guarded(batch, self._commit_locked(batch))
+                    await self._commit_locked_isolating(batch)
                 continue
             task = asyncio.create_task(self._send_fast(self._batch_number, batch, *prepared))
             self._in_flight[task] = {r.path for r in batch}
@@ -201,6 +201,24 @@ class AppendWriter:
     async def _drain_in_flight(self) -> None:
         while self._in_flight:
             await asyncio.wait(list(self._in_flight))
+
+    async def _commit_locked_isolating(self, batch: list[AppendRequest]) -> None:
+        """Commit under row locks; if the batch fails as a whole, commit each request on
+        its own, so one request the database refuses cannot fail everyone else's."""
+        if len(batch) == 1:
+            await self._guarded(batch, self._commit_locked(batch))
+            return
+        try:
+            await self._commit_locked(batch)
+        except asyncio.CancelledError:
+            self._fail(batch, ApiError(503, "SERVER_STOPPING", "Server is shutting down"))
+            raise
+        except Exception:
+            log.warning("append batch of %d failed; retrying its requests one by one", len(batch))
+            for request in batch:
+                self._cache.forget(request.path)
+            for request in batch:
+                await self._guarded([request], self._commit_locked([request]))
 
     async def _guarded(self, batch: list[AppendRequest], step: Awaitable[T]) -> T | None:
         """Run one step of a batch; a storage failure answers its requests with a 503."""
@@ -264,11 +282,17 @@ class AppendWriter:
             async with self._pool.acquire() as conn:
                 return await self._write(conn, working)
 
-        moved = await self._guarded(batch, commit())
-        if moved is None:
-            return
+        try:
+            moved = await commit()
+        except asyncio.CancelledError:
+            self._fail(batch, ApiError(503, "SERVER_STOPPING", "Server is shutting down"))
+            raise
+        except Exception:
+            log.warning("append batch of %d failed; redoing it under locks", len(batch))
+            moved = True
         if moved:
-            # Our view was stale (another process wrote): redo on the locking path.
+            # Our view was stale (another process wrote), or the batch failed: redo it on
+            # the locking path, request by request if need be.
             for request in batch:
                 self._cache.forget(request.path)
             self._redo.append((number, batch))

@@ -1,0 +1,252 @@
+"""Stream behaviours the conformance suite only touches lightly: State Protocol offset
+stamping, sliding TTL, fork chains, soft-deleted sources, and long chunked catch-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ServerProcess, create_stream, read_all, read_json, sse_events, unique_name
+
+TEXT = {"Content-Type": "text/plain"}
+JSON = {"Content-Type": "application/json"}
+OFFSET_RE = re.compile(r"^\d{16}_\d{16}$")
+
+
+def append(client: httpx.Client, url: str, body: bytes, headers: dict[str, str] = TEXT) -> str:
+    response = client.post(url, content=body, headers=headers)
+    assert response.status_code == 204, (response.status_code, response.text)
+    return response.headers["Stream-Next-Offset"]
+
+
+# --- State Protocol offsets (spec/01 §A.21, §B.6) ------------------------------------------
+
+
+def change(key: str, **headers: Any) -> dict[str, Any]:
+    return {"type": "user", "key": key, "value": {"name": key}, "headers": headers}
+
+
+async def sse_json_values(url: str) -> list[Any]:
+    """Every JSON value an SSE read from the start delivers before it is up to date."""
+    values: list[Any] = []
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("GET", url, params={"offset": "-1", "live": "sse"}) as response,
+    ):
+        async for event in sse_events(response):
+            if event.event == "data":
+                values.extend(json.loads(event.data))
+            elif event.event == "control" and event.control().get("upToDate"):
+                return values
+    raise AssertionError("SSE ended before it was up to date")
+
+
+@pytest.mark.timeout(60)
+async def test_state_messages_are_stamped_with_the_offset_of_their_post(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    url = shared_server.url(unique_name("state"))
+    create_stream(client, url, "application/json")
+    batch = [change("u1", operation="insert", txid="t1"), change("u2", operation="update")]
+    first = append(client, url, json.dumps(batch).encode(), JSON)
+    control = {"headers": {"control": "snapshot-start"}}
+    second = append(client, url, json.dumps(control).encode(), JSON)
+    others = [
+        {"plain": 1, "headers": {"x": 1}},  # no operation/control: left alone
+        {"type": "user", "key": "u3", "headers": {"operation": 7}},  # not a string
+        [1, {"headers": {"operation": "insert"}}],  # nested in an array: not a message
+        "text",
+    ]
+    third = append(client, url, json.dumps(others).encode(), JSON)
+    spoofed = change("u4", operation="delete", offset="bogus")
+    fourth = append(client, url, json.dumps(spoofed).encode(), JSON)
+    assert len({first, second, third, fourth}) == 4
+    assert all(OFFSET_RE.match(o) for o in (first, second, third, fourth))
+
+    expected = [
+        change("u1", operation="insert", txid="t1", offset=first),
+        change("u2", operation="update", offset=first),
+        {"headers": {"control": "snapshot-start", "offset": second}},
+        *others,
+        change("u4", operation="delete", offset=fourth),
+    ]
+    assert read_json(client, url) == expected
+    # Reading from the middle keeps the stamps of the original POSTs.
+    assert read_json(client, url, first) == expected[2:]
+    assert await sse_json_values(url) == expected
+
+
+# --- sliding TTL (spec/01 §A.17) -----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sliding_ttl_is_refreshed_by_get_but_not_by_head(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    ttl_s = 2
+    url = shared_server.url(unique_name("ttl"))
+    create_stream(client, url, body=b"alive", headers={"Stream-TTL": str(ttl_s)})
+    # GETs every 0.4 s keep it alive well past its TTL.
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5 * ttl_s:
+        read = client.get(url)
+        assert read.status_code == 200, "expired although GETs kept touching it"
+        assert read.content == b"alive"
+        time.sleep(0.4)
+    client.get(url, params={"offset": "now"})
+    last_touch = time.monotonic()
+    # HEADs alone do not: it expires about ttl_s after the last GET.
+    statuses = []
+    while time.monotonic() - last_touch < ttl_s + 3:
+        statuses.append((round(time.monotonic() - last_touch, 1), client.head(url).status_code))
+        if statuses[-1][1] == 404:
+            break
+        time.sleep(0.2)
+    assert statuses[0][1] == 200
+    assert statuses[-1][1] == 404, f"HEADs kept it alive: {statuses}"
+    assert statuses[-1][0] >= ttl_s - 0.5, f"expired too early: {statuses}"
+    assert client.get(url).status_code == 404
+
+
+# --- forks (spec/01 §A.16, §A.8) -----------------------------------------------------------
+
+
+def fork(
+    client: httpx.Client, server: ServerProcess, name: str, source: str, offset: str | None
+) -> str:
+    url = server.url(name)
+    headers = {"Stream-Forked-From": f"{server.stream_prefix}/{source}"}
+    if offset is not None:
+        headers["Stream-Fork-Offset"] = offset
+    response = client.put(url, headers=headers)
+    assert response.status_code == 201, (response.status_code, response.text)
+    return url
+
+
+@pytest.mark.timeout(60)
+def test_fork_of_a_fork_reads_stitched_across_three_levels(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    a_name, b_name, c_name = (unique_name(n) for n in ("a", "b", "c"))
+    a = shared_server.url(a_name)
+    create_stream(client, a)
+    oa1, oa2 = append(client, a, b"A1;"), append(client, a, b"A2;")
+    append(client, a, b"A3;")
+
+    b = fork(client, shared_server, b_name, a_name, oa2)
+    assert client.get(b).content == b"A1;A2;"
+    ob1 = append(client, b, b"B1;")
+    append(client, b, b"B2;")
+
+    c = fork(client, shared_server, c_name, b_name, ob1)
+    oc1 = append(client, c, b"C1;")
+    # Later appends upstream never show in a fork.
+    append(client, a, b"A4;")
+    append(client, b, b"B3;")
+
+    assert client.get(a).content == b"A1;A2;A3;A4;"
+    assert client.get(b).content == b"A1;A2;B1;B2;B3;"
+    assert oa1 < oa2 < ob1 < oc1
+    for start, expected in [
+        ("-1", b"A1;A2;B1;C1;"),
+        (oa1, b"A2;B1;C1;"),
+        (oa2, b"B1;C1;"),
+        (ob1, b"C1;"),
+        (oc1, b""),
+    ]:
+        content, tail = read_all(client, c, start)
+        assert (start, content) == (start, expected)
+        assert tail == oc1
+    head = client.head(c)
+    assert head.headers["Stream-Next-Offset"] == oc1
+    assert "Stream-Forked-From" not in head.headers
+    # Long-poll inside the inherited range answers at once with the inherited data.
+    response = client.get(c, params={"offset": oa1, "live": "long-poll"})
+    assert response.status_code == 200
+    assert response.content.startswith(b"A2;")
+
+
+@pytest.mark.timeout(60)
+def test_deleted_source_with_a_live_fork_is_gone_but_readable_through_the_fork(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    source_name, fork_name = unique_name("src"), unique_name("fork")
+    source = shared_server.url(source_name)
+    create_stream(client, source, body=b"one;")
+    append(client, source, b"two;")
+    forked = fork(client, shared_server, fork_name, source_name, None)
+    append(client, forked, b"mine;")
+
+    assert client.delete(source).status_code == 204
+    for method, headers, body in [
+        ("GET", {}, b""),
+        ("HEAD", {}, b""),
+        ("POST", TEXT, b"more"),
+        ("DELETE", {}, b""),
+    ]:
+        response = client.request(method, source, headers=headers, content=body)
+        assert response.status_code == 410, (method, response.status_code)
+        if method != "HEAD":
+            assert response.json()["error"]["code"]
+    assert client.put(source, headers=TEXT).status_code == 409
+    assert client.get(source, params={"offset": "-1", "live": "long-poll"}).status_code == 410
+    another = client.put(
+        shared_server.url(unique_name("fork2")),
+        headers={"Stream-Forked-From": f"{shared_server.stream_prefix}/{source_name}"},
+    )
+    assert another.status_code == 409
+
+    assert client.get(forked).content == b"one;two;mine;"
+    append(client, forked, b"more;")
+    assert client.get(forked).content == b"one;two;mine;more;"
+
+    # Deleting the last fork removes the source for good; the path is free again.
+    assert client.delete(forked).status_code == 204
+    assert client.get(source).status_code == 404
+    recreated = client.put(source, headers=TEXT)
+    assert recreated.status_code == 201
+    assert client.get(source).content == b""
+
+
+# --- long catch-up -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_long_catch_up_resumes_exactly_across_chunks(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    url = shared_server.url(unique_name("big"))
+    create_stream(client, url, "application/octet-stream")
+    data = b"".join(os.urandom(1024 * 1024) for _ in range(9))
+    for start in range(0, len(data), 1024 * 1024):
+        append(
+            client,
+            url,
+            data[start : start + 1024 * 1024],
+            {"Content-Type": "application/octet-stream"},
+        )
+
+    boundaries: list[tuple[str, int]] = []
+    received = b""
+    offset = "-1"
+    for _ in range(100):
+        response = client.get(url, params={"offset": offset})
+        assert response.status_code == 200
+        received += response.content
+        offset = response.headers["Stream-Next-Offset"]
+        boundaries.append((offset, len(received)))
+        if response.headers.get("Stream-Up-To-Date") == "true":
+            break
+    assert received == data
+    assert client.head(url).headers["Stream-Next-Offset"] == offset
+    # Every chunk's Stream-Next-Offset resumes exactly where that chunk ended.
+    for boundary, position in boundaries:
+        rest, tail = read_all(client, url, boundary)
+        assert rest == data[position:], f"resume from {boundary} is not byte-exact"
+        assert tail == offset
