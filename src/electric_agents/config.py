@@ -36,6 +36,11 @@ class Settings:
     # the standalone `streams` command.
     stream_prefix: str = ""
     subscriptions: bool = True
+    # One tenant per process scopes every registry row (spec/02 §5.7).
+    tenant_id: str = "default"
+    # Without an `electric-principal` header, act as `system:dev-local` (spec/02 §5.1) unless
+    # the deployment requires the header.
+    require_principal: bool = False
 
     @property
     def public_url(self) -> str:
@@ -111,6 +116,16 @@ def load_settings(
     raw_max = pick(max_append_bytes, "ELECTRIC_AGENTS_MAX_APPEND_BYTES")
     raw_db = pick(database_url, "ELECTRIC_AGENTS_DATABASE_URL", "DATABASE_URL")
     raw_base = pick(base_url, "ELECTRIC_AGENTS_BASE_URL", "BASE_URL")
+    tenant = env_value(
+        "ELECTRIC_AGENTS_SERVICE",
+        "SERVICE",
+        "ELECTRIC_AGENTS_TENANT_ID",
+        "TENANT_ID",
+        environ=environ,
+    )
+    require_principal = (
+        env_value("ELECTRIC_AGENTS_REQUIRE_PRINCIPAL", environ=environ) or ""
+    ).lower() == "true"
     return Settings(
         host=pick(host, "ELECTRIC_AGENTS_HOST", "HOST") or "127.0.0.1",
         port=parse_port(raw_port, allow_zero=True) if raw_port else DEFAULT_PORT,
@@ -127,4 +142,6 @@ def load_settings(
         base_url=parse_base_url(raw_base) if raw_base else None,
         stream_prefix=stream_prefix,
         subscriptions=subscriptions,
+        tenant_id=tenant or "default",
+        require_principal=require_principal,
     )

@@ -9,9 +9,11 @@ from typing import Any
 
 import asyncpg
 
+from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.config import Settings
 from electric_agents.db.pool import open_pool
 from electric_agents.errors import ApiError
+from electric_agents.http.agents_app import AgentsApp
 from electric_agents.http.responses import Receive, Scope, Send, send_error, send_json
 from electric_agents.http.streams_app import StreamsApp
 from electric_agents.http.subscriptions_app import SubscriptionsApp
@@ -31,6 +33,8 @@ class ServerApp:
         self.engine: StreamEngine | None = None
         self.streams_app: StreamsApp | None = None
         self.subscriptions: SubscriptionService | None = None
+        self.agents: AgentsRuntime | None = None
+        self.agents_app: AgentsApp | None = None
         self.ready = False
         # Called once the server accepts requests (the CLI prints its banner here).
         self.on_ready: Callable[[], None] | None = None
@@ -55,12 +59,23 @@ class ServerApp:
             max_append_bytes=self.settings.max_append_bytes,
             control_app=control_app,
         )
+        if self.serves_agents:
+            self.agents = AgentsRuntime(self.settings, self.pool, self.engine)
+            self.agents_app = AgentsApp(self.agents)
+            await self.agents.start()
         self.ready = True
         if self.on_ready is not None:
             self.on_ready()
 
+    @property
+    def serves_agents(self) -> bool:
+        """`serve` runs the agents control plane; `streams` is the stream engine alone."""
+        return self.settings.stream_prefix == ""
+
     async def shutdown(self) -> None:
         self.ready = False
+        if self.agents is not None:
+            await self.agents.stop()
         if self.subscriptions is not None:
             await self.subscriptions.stop()
         if self.engine is not None:
@@ -87,7 +102,10 @@ class ServerApp:
             await send(message)
 
         try:
-            if path.startswith("/_electric/") or path == "/_electric":
+            if path.startswith("/_electric/shared-state/"):
+                # Shared-state streams behave like streams (spec/02 §2.2).
+                await self.streams_app(scope, receive, tracking_send)
+            elif path.startswith("/_electric/") or path == "/_electric":
                 await self._electric(scope, receive, tracking_send, path)
             else:
                 await self.streams_app(scope, receive, tracking_send)
@@ -99,6 +117,9 @@ class ServerApp:
                 )
 
     async def _electric(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if self.agents_app is not None:
+            await self.agents_app(scope, receive, send)
+            return
         if path.rstrip("/") == "/_electric/health" and scope["method"] in ("GET", "HEAD"):
             await send_json(send, 200, {"status": "ok"})
             return

@@ -1,0 +1,66 @@
+"""The agents runtime: what every agents module needs, built once at startup.
+
+Feature modules keep their own state on objects they create from this runtime and register
+their background workers here, so startup and shutdown stay in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import httpx
+
+from electric_agents.config import Settings
+from electric_agents.streams.engine import StreamEngine
+
+log = logging.getLogger(__name__)
+
+Worker = Callable[[], Awaitable[None]]
+
+
+class AgentsRuntime:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, engine: StreamEngine) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.engine = engine
+        self.tenant_id = settings.tenant_id
+        self.public_url = settings.public_url
+        # For calls the server makes itself (handlers, serve endpoints); never follows
+        # redirects, so a handler cannot bounce us to another address.
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False)
+        self._workers: list[tuple[str, Worker]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add_worker(self, name: str, worker: Worker) -> None:
+        """Run `worker` (a long-lived coroutine) from startup until shutdown."""
+        self._workers.append((name, worker))
+
+    async def start(self) -> None:
+        for name, worker in self._workers:
+            self._tasks.append(asyncio.create_task(self._supervise(name, worker), name=name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.http.aclose()
+
+    @staticmethod
+    async def _supervise(name: str, worker: Worker) -> None:
+        # A worker that crashes is restarted after a pause instead of silently stopping.
+        while True:
+            try:
+                await worker()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agents worker %s failed; restarting in 1 s", name)
+                await asyncio.sleep(1.0)

@@ -1,0 +1,83 @@
+"""The control plane under `/_electric/` (spec/02 §2, §3.2-3.5): principal resolution, the
+route table, the error envelope."""
+
+from __future__ import annotations
+
+import logging
+
+from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
+from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.errors import ApiError
+from electric_agents.http.responses import (
+    Receive,
+    Scope,
+    Send,
+    header_map,
+    read_body,
+    send_error,
+    send_response,
+)
+from electric_agents.http.router import Request, Response, Route, Router, json_response, parse_query
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_BODY_BYTES = 4 * 1024 * 1024
+
+
+async def health(_request: Request) -> Response:
+    return json_response(200, {"status": "ok"})
+
+
+def control_routes(runtime: AgentsRuntime) -> list[Route]:
+    """Every `/_electric` route, in match order. Feature modules add theirs here."""
+    del runtime  # used by the feature routes as they are added
+    return [
+        Route("GET", "/_electric/health", health),
+        Route("HEAD", "/_electric/health", health),
+    ]
+
+
+class AgentsApp:
+    def __init__(self, runtime: AgentsRuntime) -> None:
+        self.runtime = runtime
+        self.router = Router(control_routes(runtime))
+
+    def resolve_principal(self, headers: dict[str, str]) -> Principal:
+        raw = headers.get("electric-principal")
+        principal = parse_principal(raw) if raw else None
+        if principal is not None:
+            return principal
+        if self.runtime.settings.require_principal:
+            raise ApiError(401, "UNAUTHORIZED", "Missing Electric-Principal")
+        return DEV_PRINCIPAL
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        path = raw_path.split("?", 1)[0]
+        if method == "OPTIONS":
+            await send_response(send, 204)
+            return
+        try:
+            headers = header_map(scope)
+            principal = self.resolve_principal(headers)
+            found = self.router.resolve(method, path)
+            if found is None:
+                await send_response(send, 404)
+                return
+            handler, params = found
+            body = await read_body(receive, MAX_CONTROL_BODY_BYTES)
+            request = Request(
+                method=method,
+                path=path,
+                query=parse_query(scope.get("query_string", b"")),
+                headers=headers,
+                body=body,
+                principal=principal,
+                params=params,
+            )
+            response = await handler(request)
+        except ApiError as error:
+            await send_error(send, error)
+            return
+        await send_response(send, response.status, response.headers, response.body)
