@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
@@ -21,6 +22,46 @@ from electric_agents.streams.writer import AppendRequest, AppendResult, AppendWr
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 60.0
+
+
+class StreamTransaction:
+    """Stream writes that commit with the caller's other writes in one transaction (spawn:
+    the entity row, its streams and first events, together or not at all). Readers are
+    woken only after the commit."""
+
+    def __init__(self, engine: StreamEngine, conn: asyncpg.Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self._after_commit: list[Callable[[], None]] = []
+
+    async def create(self, spec: CreateSpec) -> CreateResult:
+        result = await lifecycle.create_stream_in(self.conn, self.engine.hub, spec)
+        if result is None:
+            raise ApiError(409, "STREAM_CONFLICT", "Stream is being created concurrently")
+        if result.created:
+            self.engine.writer.forget(spec.path)
+            self._after_commit.append(lambda: self.engine.hub.publish_created(spec.path))
+        return result
+
+    async def append(
+        self,
+        path: str,
+        *,
+        content_type: str | None,
+        body: bytes,
+        close: bool = False,
+        producer: ProducerHeaders | None = None,
+    ) -> AppendResult:
+        request = self.engine.append_request(
+            path, content_type=content_type, body=body, close=close, producer=producer
+        )
+        result, publish = await self.engine.writer.append_in_transaction(self.conn, request)
+        self._after_commit.append(publish)
+        return result
+
+    def committed(self) -> None:
+        for callback in self._after_commit:
+            callback()
 
 
 class StreamEngine:
@@ -67,6 +108,15 @@ class StreamEngine:
         async with self.pool.acquire() as conn:
             return require_live(await store.get_meta(conn, path))
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StreamTransaction]:
+        """A database transaction in which stream writes join the caller's own SQL."""
+        async with self.pool.acquire() as conn:
+            tx = StreamTransaction(self, conn)
+            async with conn.transaction():
+                yield tx
+            tx.committed()
+
     async def append(
         self,
         path: str,
@@ -78,6 +128,26 @@ class StreamEngine:
         stream_seq: str | None = None,
     ) -> AppendResult:
         """Append (and/or close) following spec/01 §A.5; the caller checked steps 1-4."""
+        request = self.append_request(
+            path,
+            content_type=content_type,
+            body=body,
+            close=close,
+            producer=producer,
+            stream_seq=stream_seq,
+        )
+        return await self.writer.submit(request)
+
+    @staticmethod
+    def append_request(
+        path: str,
+        *,
+        content_type: str | None,
+        body: bytes,
+        close: bool = False,
+        producer: ProducerHeaders | None = None,
+        stream_seq: str | None = None,
+    ) -> AppendRequest:
         request = AppendRequest(
             path=path,
             content_type=content_type,
@@ -91,7 +161,7 @@ class StreamEngine:
                 request.json_batch = parse_json_body(body, allow_empty_array=False)
             except ApiError as error:
                 request.json_error = error
-        return await self.writer.submit(request)
+        return request
 
     async def catch_up(self, path: str, after: int | None) -> tuple[StreamMeta, Chunk]:
         """A catch-up read from `after` (None: `offset=now`)."""

@@ -70,25 +70,37 @@ async def create_stream(pool: asyncpg.Pool, hub: StreamHub, spec: CreateSpec) ->
     # A concurrent PUT of the same path can win the insert; then this one compares against it.
     for _ in range(5):
         async with pool.acquire() as conn, conn.transaction():
-            existing = await store.lock_meta(conn, spec.path)
-            if existing is not None:
-                if existing.presence is Presence.GONE:
-                    raise ApiError(409, "STREAM_GONE", "Stream path is held by a deleted stream")
-                if existing.presence is Presence.LIVE:
-                    _check_same_config(spec, existing)
-                    return CreateResult(False, existing)
-                # Expired with no forks: the path is free again.
-                await store.hard_delete(conn, existing.id)
-                for payload in hub.notify_payloads([], [existing.path]):
-                    await store.notify(conn, CHANNEL, payload)
-            meta = await _insert_new(conn, spec)
-            if meta is None:
-                continue
-            for payload in hub.notify_payloads([], [], [spec.path]):
-                await store.notify(conn, CHANNEL, payload)
-        hub.publish_created(spec.path)
-        return CreateResult(True, meta)
+            result = await create_stream_in(conn, hub, spec)
+        if result is not None:
+            if result.created:
+                hub.publish_created(spec.path)
+            return result
     raise ApiError(409, "STREAM_CONFLICT", "Stream is being created concurrently")
+
+
+async def create_stream_in(
+    conn: asyncpg.Connection, hub: StreamHub, spec: CreateSpec
+) -> CreateResult | None:
+    """Create (or match) a stream inside the caller's transaction. None if a concurrent
+    create of the same path won; the caller retries in a new transaction. The caller calls
+    `hub.publish_created` after committing a creation."""
+    existing = await store.lock_meta(conn, spec.path)
+    if existing is not None:
+        if existing.presence is Presence.GONE:
+            raise ApiError(409, "STREAM_GONE", "Stream path is held by a deleted stream")
+        if existing.presence is Presence.LIVE:
+            _check_same_config(spec, existing)
+            return CreateResult(False, existing)
+        # Expired with no forks: the path is free again.
+        await store.hard_delete(conn, existing.id)
+        for payload in hub.notify_payloads([], [existing.path]):
+            await store.notify(conn, CHANNEL, payload)
+    meta = await _insert_new(conn, spec)
+    if meta is None:
+        return None
+    for payload in hub.notify_payloads([], [], [spec.path]):
+        await store.notify(conn, CHANNEL, payload)
+    return CreateResult(True, meta)
 
 
 def _check_same_config(spec: CreateSpec, existing: StreamMeta) -> None:

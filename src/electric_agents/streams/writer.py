@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -325,9 +325,8 @@ class AppendWriter:
                     conn, [k[0] for k in keys], [k[1] for k in keys]
                 )
             for path, pid in wanted:
-                state = found.get((entries[path].meta.id, pid))
                 self._cache.remember_producer(
-                    entries[path], pid, ProducerState(*state) if state else None
+                    entries[path], pid, _stored_state(found, entries[path].meta.id, pid)
                 )
         return entries
 
@@ -335,32 +334,54 @@ class AppendWriter:
 
     async def _commit_locked(self, batch: list[AppendRequest]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            metas = await store.lock_metas(conn, sorted({r.path for r in batch}))
-            keys = {
-                (metas[r.path].id, r.producer.producer_id)
-                for r in batch
-                if r.producer is not None and r.path in metas
-            }
-            stored = (
-                await store.fetch_producers(conn, [k[0] for k in keys], [k[1] for k in keys])
-                if keys
-                else {}
+            working, outcomes = await self._apply_locked(conn, batch)
+        self._after_locked_commit(batch, working, outcomes)
+
+    async def append_in_transaction(
+        self, conn: asyncpg.Connection, request: AppendRequest
+    ) -> tuple[AppendResult, Callable[[], None]]:
+        """Append inside the caller's transaction (spawn, signals: several writes that
+        commit together). Raises the append's error, so the caller's transaction rolls
+        back; returns the result and what to call once the caller has committed."""
+        working, outcomes = await self._apply_locked(conn, [request])
+        outcome = outcomes[0]
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome, lambda: self._after_locked_commit([request], working, outcomes)
+
+    async def _apply_locked(
+        self, conn: asyncpg.Connection, batch: list[AppendRequest]
+    ) -> tuple[dict[str, _WorkingStream], list[AppendResult | ApiError]]:
+        """Check and write a batch under row locks, inside the connection's transaction."""
+        metas = await store.lock_metas(conn, sorted({r.path for r in batch}))
+        keys = {
+            (metas[r.path].id, r.producer.producer_id)
+            for r in batch
+            if r.producer is not None and r.path in metas
+        }
+        stored = (
+            await store.fetch_producers(conn, [k[0] for k in keys], [k[1] for k in keys])
+            if keys
+            else {}
+        )
+        working: dict[str, _WorkingStream] = {}
+        for path, meta in metas.items():
+            used = {pid for sid, pid in keys if sid == meta.id}
+            working[path] = _WorkingStream(
+                meta,
+                {pid: _stored_state(stored, meta.id, pid) for pid in used},
             )
-            working: dict[str, _WorkingStream] = {}
-            for path, meta in metas.items():
-                used = {pid for sid, pid in keys if sid == meta.id}
-                working[path] = _WorkingStream(
-                    meta,
-                    {
-                        pid: ProducerState(*stored[(meta.id, pid)])
-                        if (meta.id, pid) in stored
-                        else None
-                        for pid in used
-                    },
-                )
-            outcomes = self._apply_all(batch, working)
-            if await self._write(conn, working):
-                raise RuntimeError("locked streams changed during an append batch")
+        outcomes = self._apply_all(batch, working)
+        if await self._write(conn, working):
+            raise RuntimeError("locked streams changed during an append batch")
+        return working, outcomes
+
+    def _after_locked_commit(
+        self,
+        batch: list[AppendRequest],
+        working: dict[str, _WorkingStream],
+        outcomes: list[AppendResult | ApiError],
+    ) -> None:
         for stream in working.values():
             entry = self._cache.put_fresh(stream.result_meta())
             if entry is not None:
@@ -442,6 +463,13 @@ class AppendWriter:
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
+
+
+def _stored_state(
+    stored: dict[tuple[int, str], tuple[int, int]], stream_id: int, producer_id: str
+) -> ProducerState | None:
+    found = stored.get((stream_id, producer_id))
+    return ProducerState(*found) if found else None
 
 
 def _apply(request: AppendRequest, stream: _WorkingStream | None) -> AppendResult:
