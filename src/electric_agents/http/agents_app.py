@@ -8,6 +8,7 @@ import logging
 from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
+from electric_agents.http import routes_entities, routes_entity_types, routes_signals
 from electric_agents.http.responses import (
     Receive,
     Scope,
@@ -29,11 +30,13 @@ async def health(_request: Request) -> Response:
 
 
 def control_routes(runtime: AgentsRuntime) -> list[Route]:
-    """Every `/_electric` route, in match order. Feature modules add theirs here."""
-    del runtime  # used by the feature routes as they are added
+    """Every `/_electric` route, in match order (spec/02 §3.8)."""
     return [
         Route("GET", "/_electric/health", health),
         Route("HEAD", "/_electric/health", health),
+        *routes_entity_types.routes(runtime),
+        *routes_signals.routes(runtime),
+        *routes_entities.routes(runtime),
     ]
 
 

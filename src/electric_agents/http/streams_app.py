@@ -11,6 +11,7 @@ import base64
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
 import orjson
@@ -41,6 +42,18 @@ from electric_agents.streams.reads import Chunk, start_position
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+
+class AppendPolicy(Protocol):
+    """Rules a mounting application adds to plain appends (the agents server checks entity
+    stream writes: write tokens, state schemas, lifecycle; spec/02 §3.6)."""
+
+    async def check(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        """Raise an ApiError to refuse the append before it is stored."""
+
+    async def appended(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        """Called after a successful append (wake evaluation, run-finished handling)."""
+
+
 _TTL_RE = re.compile(r"0|[1-9][0-9]{0,9}")
 _SUB_OFFSET_RE = re.compile(r"0|[1-9][0-9]{0,9}")
 # Larger values are refused with a 400 rather than overflowing the database's types.
@@ -61,12 +74,14 @@ class StreamsApp:
         long_poll_timeout_s: float,
         max_append_bytes: int,
         control_app: ASGIApp | None = None,
+        append_policy: AppendPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.prefix = prefix.rstrip("/")
         self.long_poll_timeout_s = long_poll_timeout_s
         self.max_append_bytes = max_append_bytes
         self.control_app = control_app
+        self.append_policy = append_policy
 
     def stream_path(self, raw_path: str) -> str | None:
         """The stream path under the mount (no leading slash), or None if outside it."""
@@ -212,6 +227,8 @@ class StreamsApp:
             raise ApiError(400, "EMPTY_BODY", "An append needs a body")
         if body and not content_type:
             raise ApiError(400, "MISSING_CONTENT_TYPE", "An append needs a Content-Type")
+        if self.append_policy is not None:
+            await self.append_policy.check(path, headers, body)
         result = await self.engine.append(
             path,
             content_type=content_type,
@@ -221,6 +238,8 @@ class StreamsApp:
             stream_seq=headers.get("stream-seq"),
         )
         await send_response(send, result.status, result.headers)
+        if self.append_policy is not None:
+            await self.append_policy.appended(path, headers, body)
 
     # HEAD -------------------------------------------------------------------------------
 
