@@ -16,6 +16,7 @@ from electric_agents.streams.json_mode import parse_json_body
 from electric_agents.streams.lifecycle import CreateResult, CreateSpec, require_live
 from electric_agents.streams.model import StreamMeta, is_json_type
 from electric_agents.streams.producers import ProducerHeaders
+from electric_agents.streams.read_cache import ReadCache
 from electric_agents.streams.reads import Chunk, LiveSession, read_chunk
 from electric_agents.streams.writer import AppendRequest, AppendResult, AppendWriter
 
@@ -69,6 +70,7 @@ class StreamEngine:
         self.pool = pool
         self.hub = StreamHub()
         self.writer = AppendWriter(pool, self.hub)
+        self.read_cache = ReadCache()
         self._database_url = database_url
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -169,7 +171,7 @@ class StreamEngine:
             meta = require_live(await store.get_meta(conn, path, touch=True))
             if after is None:
                 return meta, Chunk([], meta.tail, True, meta.closed)
-            return meta, await read_chunk(conn, meta, after)
+            return meta, await read_chunk(conn, meta, after, self.read_cache)
 
     def live(self, path: str) -> LiveSession:
-        return LiveSession(self.pool, self.hub, path)
+        return LiveSession(self.pool, self.hub, self.read_cache, path)

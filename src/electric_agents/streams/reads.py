@@ -12,6 +12,7 @@ from electric_agents.streams import store
 from electric_agents.streams.hub import StreamHub, Watch
 from electric_agents.streams.lifecycle import require_live
 from electric_agents.streams.model import Message, StreamMeta
+from electric_agents.streams.read_cache import ReadCache
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,18 @@ def start_position(offset: int | str | None, meta: StreamMeta) -> int:
     return offset
 
 
-async def read_chunk(conn: asyncpg.Connection, meta: StreamMeta, after: int) -> Chunk:
+async def read_chunk(
+    conn: asyncpg.Connection, meta: StreamMeta, after: int, cache: ReadCache
+) -> Chunk:
     """Messages after `after` up to the tail in `meta` (a consistent upper bound)."""
-    messages = await store.read_messages(conn, meta, after, meta.tail) if after < meta.tail else []
+    messages: list[Message] = []
+    if after < meta.tail:
+        cached = cache.get(meta.id, after, meta.tail)
+        if cached is None:
+            messages = await store.read_messages(conn, meta, after, meta.tail)
+            cache.put(meta.id, after, meta.tail, messages)
+        else:
+            messages = cached
     # With nothing to return (at, or beyond, the tail) the reader is sent to the tail.
     next_offset = messages[-1].offset if messages else meta.tail
     up_to_date = next_offset >= meta.tail
@@ -47,9 +57,10 @@ class LiveSession:
     """A long-poll or SSE reader: registered with the hub before it reads the stream row, so
     no commit slips between its read and its wait."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, path: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, cache: ReadCache, path: str) -> None:
         self._pool = pool
         self._hub = hub
+        self._cache = cache
         self._path = path
         self._watch_cm = hub.watch(path)
         self._watch: Watch | None = None
@@ -108,4 +119,6 @@ class LiveSession:
             next_offset = cached[-1].offset
             return Chunk(cached, next_offset, next_offset >= tail, closed and next_offset >= tail)
         async with self._pool.acquire() as conn:
-            return await read_chunk(conn, replace(meta, tail=tail, closed=closed), after)
+            return await read_chunk(
+                conn, replace(meta, tail=tail, closed=closed), after, self._cache
+            )
