@@ -178,7 +178,9 @@ async def list_entities(
     type_name: str | None = None,
     status: str | None = None,
     parent: str | None = None,
+    created_by: str | None = None,
 ) -> list[Entity]:
+    """Exact-match filters; newest first, as `GET /_electric/entities` lists them."""
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM entities
@@ -186,12 +188,14 @@ async def list_entities(
           AND ($2::text IS NULL OR type = $2)
           AND ($3::text IS NULL OR status = $3)
           AND ($4::text IS NULL OR parent = $4)
-        ORDER BY created_at, url
+          AND ($5::text IS NULL OR created_by = $5)
+        ORDER BY created_at DESC, url DESC
         """,
         tenant,
         type_name,
         status,
         parent,
+        created_by,
     )
     return [_entity(row) for row in rows]
 
@@ -208,7 +212,10 @@ async def set_status(conn: asyncpg.Connection, tenant: str, url: str, status: st
     return await current_txid(conn)
 
 
-async def set_tags(conn: asyncpg.Connection, tenant: str, url: str, tags: dict[str, str]) -> None:
+async def set_tags(conn: asyncpg.Connection, tenant: str, url: str, tags: dict[str, str]) -> int:
+    """Store the tags key-sorted with their index (and bump updated_at); returns the new
+    updated_at."""
+    updated_at = now_ms()
     await conn.execute(
         """
         UPDATE entities SET tags = $3::jsonb, tags_index = $4, updated_at = $5
@@ -218,8 +225,27 @@ async def set_tags(conn: asyncpg.Connection, tenant: str, url: str, tags: dict[s
         url,
         _json(dict(sorted(tags.items()))),
         tags_index(tags),
-        now_ms(),
+        updated_at,
     )
+    return updated_at
+
+
+async def set_dispatch_policy(
+    conn: asyncpg.Connection, tenant: str, url: str, policy: dict[str, Any]
+) -> int:
+    """Store a dispatch policy (and bump updated_at); returns the new updated_at."""
+    updated_at = now_ms()
+    await conn.execute(
+        """
+        UPDATE entities SET dispatch_policy = $3::jsonb, updated_at = $4
+        WHERE tenant_id = $1 AND url = $2
+        """,
+        tenant,
+        url,
+        _json(policy),
+        updated_at,
+    )
+    return updated_at
 
 
 async def delete_entity(conn: asyncpg.Connection, tenant: str, url: str) -> None:

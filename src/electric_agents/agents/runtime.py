@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import httpx
 
+from electric_agents.agents.entity_types import ensure_principal_type
 from electric_agents.config import Settings
 from electric_agents.streams.engine import StreamEngine
 
@@ -40,6 +41,7 @@ class AgentsRuntime:
         self._workers.append((name, worker))
 
     async def start(self) -> None:
+        await ensure_principal_type(self)
         for name, worker in self._workers:
             self._tasks.append(asyncio.create_task(self._supervise(name, worker), name=name))
 

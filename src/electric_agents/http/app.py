@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.stream_policy import EntityStreamPolicy
 from electric_agents.config import Settings
 from electric_agents.db.pool import open_pool
 from electric_agents.errors import ApiError
@@ -52,16 +53,21 @@ class ServerApp:
             )
             await self.subscriptions.start()
             control_app = SubscriptionsApp(self.subscriptions, prefix=self.settings.stream_prefix)
+        append_policy: EntityStreamPolicy | None = None
+        if self.serves_agents:
+            # Built before the stream app: entity stream appends go through its policy.
+            self.agents = AgentsRuntime(self.settings, self.pool, self.engine)
+            self.agents_app = AgentsApp(self.agents)
+            append_policy = EntityStreamPolicy(self.agents)
         self.streams_app = StreamsApp(
             self.engine,
             prefix=self.settings.stream_prefix,
             long_poll_timeout_s=self.settings.long_poll_timeout_ms / 1000,
             max_append_bytes=self.settings.max_append_bytes,
             control_app=control_app,
+            append_policy=append_policy,
         )
-        if self.serves_agents:
-            self.agents = AgentsRuntime(self.settings, self.pool, self.engine)
-            self.agents_app = AgentsApp(self.agents)
+        if self.agents is not None:
             await self.agents.start()
         self.ready = True
         if self.on_ready is not None:
