@@ -7,7 +7,8 @@ Workloads (see docs/benchmarks.md): 1. append throughput at 1/8/32 connections w
 without producer headers (load from a Node keep-alive generator), 2. append -> long-poll
 latency, 3. SSE fan-out to 1/10/100 readers, 4. catch-up MB/s with 20/50 clients,
 5. server memory with N streams and with 100 SSE readers. Every target gets fresh servers on
-127.0.0.1 ports; every process started is stopped by pid at the end, also on Ctrl-C.
+127.0.0.1 ports, each workload runs on all targets in turn, and every process started is
+stopped by pid at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from streambench.workloads import append, catchup, fanout, longpoll, memory
 
 Workload = Callable[[RunningServer, BenchConfig], Awaitable[WorkloadResult]]
 
-# Run in this order on one server per target; "memory" gets a fresh server of its own so
+# Run in this order on one server per target; "memory" gets fresh servers of its own so
 # its idle figure is not inflated by the other workloads' data.
 SHARED_SERVER_WORKLOADS: dict[str, Workload] = {
     "append": append.run,
@@ -110,56 +112,82 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 
 
-async def run_on_fresh_server(
-    target: str,
+@dataclass
+class TargetRun:
+    report: TargetReport
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return self.report.target
+
+
+async def run_phase(
+    runs: list[TargetRun],
     workloads: dict[str, Workload],
     config: BenchConfig,
     supervisor: ProcessSupervisor,
-    report: TargetReport,
-    raw: dict[str, Any],
 ) -> None:
+    """Start a fresh server per target, then run each workload on every target in turn.
+
+    Interleaving keeps the targets' figures for one workload minutes apart rather than a
+    whole run apart, so a burst of other activity on the machine skews them less unevenly.
+    """
     label = "-".join(workloads)
-    print(f"[{target}] starting server for {', '.join(workloads)}", flush=True)
+    servers: dict[str, RunningServer] = {}
     try:
-        server = await start_server(target, supervisor, config.long_poll_timeout_ms, label)
-    except ServerStartError as exc:
-        print(f"[{target}] server did not start: {exc}", file=sys.stderr, flush=True)
-        for name in workloads:
-            report.errors[name] = f"server did not start: {exc}"
-        return
-    try:
-        for name, workload in workloads.items():
-            started = time.perf_counter()
-            print(f"[{target}] {name} ...", flush=True)
+        for run in runs:
+            print(f"[{run.target}] starting server for {', '.join(workloads)}", flush=True)
             try:
-                result = await workload(server, config)
-            except Exception as exc:  # one broken workload must not lose the others' figures
-                message = f"{type(exc).__name__}: {exc}"
-                print(f"[{target}] {name} FAILED: {message}", file=sys.stderr, flush=True)
-                report.errors[name] = message
-                exit_code = supervisor.exit_code(server.pid)
-                if exit_code is not None:
-                    report.errors[name] += f" (server exited {exit_code}: {log_tail(server)})"
-                    break
-                continue
-            report.metrics.extend(result.metrics)
-            raw[name] = result.raw
-            print(f"[{target}] {name} done in {time.perf_counter() - started:.1f}s", flush=True)
+                servers[run.target] = await start_server(
+                    run.target, supervisor, config.long_poll_timeout_ms, label
+                )
+            except ServerStartError as exc:
+                print(f"[{run.target}] server did not start: {exc}", file=sys.stderr, flush=True)
+                for name in workloads:
+                    run.report.errors[name] = f"server did not start: {exc}"
+        for name, workload in workloads.items():
+            for run in runs:
+                server = servers.get(run.target)
+                if server is not None:
+                    await run_workload(run, name, workload, server, config, supervisor)
     finally:
-        code = stop_server(server, supervisor)
-        print(f"[{target}] server stopped (exit code {code})", flush=True)
+        for run in runs:
+            server = servers.pop(run.target, None)
+            if server is None:
+                continue
+            failed = any(name in run.report.errors for name in workloads)
+            code = stop_server(server, supervisor, keep_log=failed)
+            kept = f", log kept at {server.log_path}" if failed else ""
+            print(f"[{run.target}] server stopped (exit code {code}){kept}", flush=True)
 
 
-async def bench_target(
-    target: str, workloads: list[str], config: BenchConfig, supervisor: ProcessSupervisor
-) -> tuple[TargetReport, dict[str, Any]]:
-    report = TargetReport(target)
-    raw: dict[str, Any] = {}
-    for group in (SHARED_SERVER_WORKLOADS, OWN_SERVER_WORKLOADS):
-        chosen = {name: run for name, run in group.items() if name in workloads}
-        if chosen:
-            await run_on_fresh_server(target, chosen, config, supervisor, report, raw)
-    return report, raw
+async def run_workload(
+    run: TargetRun,
+    name: str,
+    workload: Workload,
+    server: RunningServer,
+    config: BenchConfig,
+    supervisor: ProcessSupervisor,
+) -> None:
+    if supervisor.exit_code(server.pid) is not None:
+        run.report.errors[name] = f"server had exited: {log_tail(server)}"
+        return
+    started = time.perf_counter()
+    print(f"[{run.target}] {name} ...", flush=True)
+    try:
+        result = await workload(server, config)
+    except Exception as exc:  # one broken workload must not lose the others' figures
+        message = f"{type(exc).__name__}: {exc}"
+        print(f"[{run.target}] {name} FAILED: {message}", file=sys.stderr, flush=True)
+        exit_code = supervisor.exit_code(server.pid)
+        if exit_code is not None:
+            message += f" (server exited {exit_code}: {log_tail(server)})"
+        run.report.errors[name] = message
+        return
+    run.report.metrics.extend(result.metrics)
+    run.raw[name] = result.raw
+    print(f"[{run.target}] {name} done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
 def environment() -> dict[str, Any]:
@@ -186,14 +214,16 @@ async def main_async(args: argparse.Namespace) -> int:
     ensure_node_packages()
     started_at = datetime.now(UTC)
     supervisor = ProcessSupervisor()
-    reports: list[TargetReport] = []
-    raw: dict[str, Any] = {}
+    runs = [TargetRun(TargetReport(target)) for target in args.targets]
     try:
-        for target in args.targets:
-            report, raw[target] = await bench_target(target, args.workloads, config, supervisor)
-            reports.append(report)
+        for group in (SHARED_SERVER_WORKLOADS, OWN_SERVER_WORKLOADS):
+            chosen = {name: w for name, w in group.items() if name in args.workloads}
+            if chosen:
+                await run_phase(runs, chosen, config, supervisor)
     finally:
         supervisor.stop_all()
+    reports = [run.report for run in runs]
+    raw = {run.target: run.raw for run in runs}
 
     table = render(reports)
     print()

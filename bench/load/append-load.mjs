@@ -10,8 +10,8 @@
 //   create  PUT --count new streams named <--url>-<i> (tiny body), as fast as possible.
 //
 // Output (stdout, one JSON object per line):
-//   {"event":"measure-start"}   warm-up over, the measured window begins
-//   {"event":"measure-end"}     measured window over
+//   {"event":"measure-start","cpu_s":..}  warm-up over, the measured window begins
+//   {"event":"measure-end","cpu_s":..}    measured window over (cpu_s: this process's CPU)
 //   {"event":"result", ...}     summary (counts, ops/s, latency percentiles in ms)
 import { parseArgs } from "node:util"
 import { performance } from "node:perf_hooks"
@@ -44,6 +44,12 @@ const contentType = values["content-type"]
 
 function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n")
+}
+
+/** Marker line; carries this process's CPU time so the bench can tell if we were the limit. */
+function mark(event) {
+  const { user, system } = process.cpuUsage()
+  emit({ event, cpu_s: (user + system) / 1e6 })
 }
 
 /** A JSON object body of exactly `size` bytes (a single message in JSON mode). */
@@ -94,7 +100,7 @@ async function runAppend() {
   let ok = 0
   const latencies = []
 
-  setTimeout(() => emit({ event: "measure-start" }), warmupMs)
+  setTimeout(() => mark("measure-start"), warmupMs)
   const clients = Array.from({ length: connections }, newClient)
 
   async function loop(index) {
@@ -138,7 +144,7 @@ async function runAppend() {
   }
 
   await Promise.all(clients.map((_, i) => loop(i)))
-  emit({ event: "measure-end" })
+  mark("measure-end")
   await Promise.all(clients.map((c) => c.close()))
   const seconds = durationMs / 1000
   return {
@@ -165,7 +171,7 @@ async function runCreate() {
   let ok = 0
   let errors = 0
 
-  emit({ event: "measure-start" })
+  mark("measure-start")
   const start = performance.now()
 
   async function loop(index) {
@@ -199,7 +205,7 @@ async function runCreate() {
 
   await Promise.all(clients.map((_, i) => loop(i)))
   const seconds = (performance.now() - start) / 1000
-  emit({ event: "measure-end" })
+  mark("measure-end")
   await Promise.all(clients.map((c) => c.close()))
   return {
     mode: "create",

@@ -27,7 +27,15 @@ class LoaderError(RuntimeError):
 @dataclass(frozen=True)
 class LoaderRun:
     result: dict[str, Any]
-    cpu: CpuUsage | None
+    cpu: CpuUsage | None  # the server's (and its Postgres's) CPU over the measured window
+    loader_s: float  # the generator's own CPU seconds over that window
+
+    @property
+    def loader_cores(self) -> float | None:
+        """Near 1.0 means the (single-threaded) generator, not the server, is the limit."""
+        if self.cpu is None or self.cpu.wall_s <= 0:
+            return None
+        return self.loader_s / self.cpu.wall_s
 
 
 async def run_loader(args: list[str], probe: ResourceProbe, timeout_s: float) -> LoaderRun:
@@ -41,6 +49,7 @@ async def run_loader(args: list[str], probe: ResourceProbe, timeout_s: float) ->
     )
     assert proc.stdout is not None and proc.stderr is not None
     start = end = None
+    loader_start = loader_end = 0.0
     result: dict[str, Any] | None = None
     deadline = time.monotonic() + timeout_s + 60
     try:
@@ -55,9 +64,9 @@ async def run_loader(args: list[str], probe: ResourceProbe, timeout_s: float) ->
             message = json.loads(line)
             match message.get("event"):
                 case "measure-start":
-                    start = probe.cpu()
+                    start, loader_start = probe.cpu(), float(message["cpu_s"])
                 case "measure-end":
-                    end = probe.cpu()
+                    end, loader_end = probe.cpu(), float(message["cpu_s"])
                 case "result":
                     result = message
         await asyncio.wait_for(proc.wait(), timeout=30)
@@ -66,5 +75,6 @@ async def run_loader(args: list[str], probe: ResourceProbe, timeout_s: float) ->
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-    cpu = ResourceProbe.usage(start, end) if start and end else None
-    return LoaderRun(result, cpu)
+    if start is None or end is None:
+        return LoaderRun(result, None, 0.0)
+    return LoaderRun(result, ResourceProbe.usage(start, end), loader_end - loader_start)

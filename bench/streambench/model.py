@@ -39,13 +39,13 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """About a minute for all three targets: every workload runs, each one shrunk."""
         settings: dict[str, Any] = {
-            "duration_s": 1.5,
-            "warmup_s": 0.3,
+            "duration_s": 1.0,
+            "warmup_s": 0.2,
             "longpoll_iterations": 50,
-            "fanout_seconds": 2.0,
+            "fanout_seconds": 1.5,
             "catchup_messages": 500,
-            "memory_streams": 5000,
-            "memory_sse_seconds": 1.5,
+            "memory_streams": 2000,
+            "memory_sse_seconds": 1.0,
         }
         settings.update(overrides)
         return cls(**settings)

@@ -92,11 +92,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# pid -> (create_time, user + system CPU seconds) of every process that is not ours.
+OtherProcesses = dict[int, tuple[float, float]]
+KERNEL_THREADS_PARENT = 2  # kthreadd; its children do I/O on behalf of whoever asked
+
+
 @dataclass(frozen=True)
 class CpuSample:
     at: float  # time.perf_counter()
     server_s: float
     postgres_s: float | None
+    others: OtherProcesses
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class CpuUsage:
     wall_s: float
     server_s: float
     postgres_s: float | None
+    other_s: float  # user-space processes that are neither the bench nor what it started
 
     @property
     def server_cores(self) -> float:
@@ -115,13 +122,20 @@ class CpuUsage:
             return None
         return self.postgres_s / self.wall_s
 
+    @property
+    def other_cores(self) -> float:
+        """CPU taken by other jobs on the machine: well above 0.1 makes a run noisy."""
+        return self.other_s / self.wall_s if self.wall_s > 0 else 0.0
+
     def as_dict(self) -> dict[str, float | None]:
         return {
             "wall_s": self.wall_s,
             "server_cpu_s": self.server_s,
             "postgres_cpu_s": self.postgres_s,
+            "other_processes_cpu_s": self.other_s,
             "server_cores": self.server_cores,
             "postgres_cores": self.postgres_cores,
+            "other_cores": self.other_cores,
         }
 
 
@@ -142,6 +156,7 @@ class ResourceProbe:
     def __init__(self, server_pid: int, postgres_pid: int | None) -> None:
         self.server = psutil.Process(server_pid)
         self.postgres = psutil.Process(postgres_pid) if postgres_pid else None
+        self.bench = psutil.Process()
 
     def cpu(self) -> CpuSample:
         times = self.server.cpu_times()
@@ -149,6 +164,7 @@ class ResourceProbe:
             at=time.perf_counter(),
             server_s=times.user + times.system,
             postgres_s=self._postgres_cpu(),
+            others=self._other_processes(),
         )
 
     @staticmethod
@@ -156,7 +172,30 @@ class ResourceProbe:
         postgres = None
         if start.postgres_s is not None and end.postgres_s is not None:
             postgres = end.postgres_s - start.postgres_s
-        return CpuUsage(end.at - start.at, end.server_s - start.server_s, postgres)
+        other = 0.0
+        for pid, (created, cpu_s) in end.others.items():
+            before = start.others.get(pid)
+            other += cpu_s - before[1] if before and before[0] == created else cpu_s
+        return CpuUsage(end.at - start.at, end.server_s - start.server_s, postgres, other)
+
+    def _other_processes(self) -> OtherProcesses:
+        """Every user-space process except the bench, what it started, and our Postgres."""
+        mine = {self.bench.pid, *(p.pid for p in self.bench.children(recursive=True))}
+        if self.postgres is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                mine |= {self.postgres.pid, *(p.pid for p in self.postgres.children(True))}
+        others: OtherProcesses = {}
+        for proc in psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"]):
+            info = proc.info
+            times = info["cpu_times"]
+            if (
+                info["pid"] in mine
+                or times is None
+                or KERNEL_THREADS_PARENT in (info["pid"], info["ppid"])
+            ):
+                continue
+            others[info["pid"]] = (info["create_time"], times.user + times.system)
+        return others
 
     def memory(self) -> MemorySample:
         return MemorySample(self.server.memory_info().rss, self._postgres_pss())

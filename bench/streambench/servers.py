@@ -144,7 +144,7 @@ async def start_server(
     try:
         await _wait_ready(server, supervisor, STARTUP_TIMEOUT_S[target])
     except BaseException:
-        stop_server(server, supervisor)
+        stop_server(server, supervisor, keep_log=True)
         raise
     if target == "ours":
         server.postgres_pid = _postmaster_pid(data_dir / "pg")
@@ -154,11 +154,17 @@ async def start_server(
     return server
 
 
-def stop_server(server: RunningServer, supervisor: ProcessSupervisor) -> int | None:
+def stop_server(
+    server: RunningServer, supervisor: ProcessSupervisor, keep_log: bool = False
+) -> int | None:
+    """Stop the server (and a Postgres it left behind), remove its data and, unless asked
+    to keep it for a failure report, its log."""
     code = supervisor.stop(server.pid, grace_s=30.0 if server.target == "ours" else 10.0)
     if server.postgres_pid is not None:
         supervisor.stop_orphan(server.postgres_pid)
     shutil.rmtree(server.data_dir, ignore_errors=True)
+    if not keep_log:
+        server.log_path.unlink(missing_ok=True)
     return code
 
 

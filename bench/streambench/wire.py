@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -15,12 +14,16 @@ class ProtocolError(RuntimeError):
     pass
 
 
-def session(connections: int = 1, timeout_s: float = 60.0) -> aiohttp.ClientSession:
-    """A keep-alive session holding at most `connections` sockets (0 = unlimited)."""
+def session(connections: int = 1, timeout_s: float | None = 60.0) -> aiohttp.ClientSession:
+    """A keep-alive session holding at most `connections` sockets (0 = unlimited).
+
+    `timeout_s` bounds each whole request; None is for SSE readers, which are cancelled by
+    their owner instead.
+    """
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10),
         headers=NO_COMPRESSION,
         auto_decompress=False,
     )
@@ -83,8 +86,3 @@ class SseParser:
             if data_lines:
                 events.append(SseEvent(kind, "\n".join(data_lines)))
         return events
-
-
-async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    async for chunk in resp.content.iter_any():
-        yield chunk

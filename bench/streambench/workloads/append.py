@@ -49,6 +49,10 @@ async def run(server: RunningServer, config: BenchConfig) -> WorkloadResult:
             out.add(SECTION, f"{label}: p99", "ms", latency["p99"], "lower")
             if loaded.cpu is not None:
                 out.add_cpu(SECTION, label, loaded.cpu)
+                if loaded.loader_cores is not None:
+                    out.add(SECTION, f"{label}: load generator CPU", "cores", loaded.loader_cores)
+                other = loaded.cpu.other_cores
+                out.add(SECTION, f"{label}: other processes CPU (noise)", "cores", other)
                 if result["ok"]:
                     # Total server-side CPU (Postgres included for ours) per measured append.
                     cpu_s = loaded.cpu.server_s + (loaded.cpu.postgres_s or 0.0)
@@ -59,5 +63,6 @@ async def run(server: RunningServer, config: BenchConfig) -> WorkloadResult:
             out.raw[f"{connections}-{mode}"] = {
                 "loader": result,
                 "cpu": loaded.cpu.as_dict() if loaded.cpu else None,
+                "loader_cores": loaded.loader_cores,
             }
     return out
