@@ -6,12 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from jsonschema import Draft7Validator
-from jsonschema.exceptions import ValidationError
 
+from electric_agents.agents.schemas import validation_errors
 from electric_agents.errors import ApiError
-
-_VALIDATORS: dict[int, Draft7Validator] = {}
 
 
 def parse_json_body(body: bytes) -> Any:
@@ -24,47 +21,12 @@ def parse_json_body(body: bytes) -> Any:
 
 
 def validated_body(body: bytes, schema: dict[str, Any]) -> Any:
-    """The parsed body, or a 400 listing every mismatch as `{path, message}`."""
+    """The parsed body, or a 400 listing every mismatch as `{path, message}` (the same
+    Ajv-worded details as user schemas get)."""
     document = parse_json_body(body)
-    validator = _VALIDATORS.get(id(schema))
-    if validator is None:
-        validator = _VALIDATORS[id(schema)] = Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
-    if errors:
+    details = validation_errors(schema, document)
+    if details:
         raise ApiError(
-            400,
-            "INVALID_REQUEST",
-            "Request body does not match API schema",
-            details=[_detail(error) for error in errors],
+            400, "INVALID_REQUEST", "Request body does not match API schema", details=details
         )
     return document
-
-
-def _detail(error: ValidationError) -> dict[str, str]:
-    pointer = "".join(f"/{part}" for part in error.absolute_path) or "/"
-    return {"path": pointer, "message": _ajv_message(error)}
-
-
-def _ajv_message(error: ValidationError) -> str:
-    """Ajv's English wording for the common keywords; clients match codes, not these."""
-    keyword = error.validator
-    if keyword == "type":
-        expected = error.validator_value
-        names = expected if isinstance(expected, list) else [expected]
-        return f"must be {','.join(names)}"
-    if keyword == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        return f"must have required property '{missing}'"
-    if keyword == "additionalProperties":
-        return "must NOT have additional properties"
-    if keyword == "minLength":
-        return f"must NOT have fewer than {error.validator_value} characters"
-    if keyword == "const":
-        return "must be equal to constant"
-    if keyword == "enum":
-        return "must be equal to one of the allowed values"
-    if keyword == "anyOf":
-        return "must match a schema in anyOf"
-    if keyword == "minimum":
-        return f"must be >= {error.validator_value}"
-    return error.message
