@@ -13,6 +13,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from electric_agents.db.jsonb import from_jsonb, to_jsonb
+
 TERMINAL_STATUSES = frozenset({"stopped", "killed"})
 STATUSES = ("spawning", "running", "idle", "paused", "stopping", "stopped", "killed")
 
@@ -78,31 +80,21 @@ def tags_index(tags: dict[str, str]) -> list[str]:
     return sorted(orjson.dumps([key, value]).decode() for key, value in tags.items())
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _loads(value: Any) -> Any:
-    if value is None or not isinstance(value, str | bytes):
-        return value
-    return orjson.loads(value)
-
-
 def _entity(row: asyncpg.Record) -> Entity:
     return Entity(
         url=row["url"],
         type=row["type"],
         status=row["status"],
         subscription_id=row["subscription_id"],
-        dispatch_policy=_loads(row["dispatch_policy"]),
+        dispatch_policy=from_jsonb(row["dispatch_policy"]),
         write_token=row["write_token"],
-        tags=_loads(row["tags"]) or {},
-        spawn_args=_loads(row["spawn_args"]),
+        tags=from_jsonb(row["tags"]) or {},
+        spawn_args=from_jsonb(row["spawn_args"]),
         parent=row["parent"],
         created_by=row["created_by"],
         type_revision=row["type_revision"],
-        inbox_schemas=_loads(row["inbox_schemas"]),
-        state_schemas=_loads(row["state_schemas"]),
+        inbox_schemas=from_jsonb(row["inbox_schemas"]),
+        state_schemas=from_jsonb(row["state_schemas"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -135,15 +127,15 @@ async def insert_entity(conn: asyncpg.Connection, tenant: str, entity: Entity) -
         entity.type,
         entity.status,
         entity.subscription_id,
-        _json(entity.dispatch_policy),
+        to_jsonb(entity.dispatch_policy),
         entity.write_token,
-        _json(entity.tags),
-        _json(entity.spawn_args if entity.spawn_args is not None else {}),
+        to_jsonb(entity.tags),
+        to_jsonb(entity.spawn_args if entity.spawn_args is not None else {}),
         entity.parent,
         entity.created_by,
         entity.type_revision,
-        _json(entity.inbox_schemas),
-        _json(entity.state_schemas),
+        to_jsonb(entity.inbox_schemas),
+        to_jsonb(entity.state_schemas),
         entity.created_at,
         entity.updated_at,
         tags_index(entity.tags),
@@ -223,7 +215,7 @@ async def set_tags(conn: asyncpg.Connection, tenant: str, url: str, tags: dict[s
         """,
         tenant,
         url,
-        _json(dict(sorted(tags.items()))),
+        to_jsonb(dict(sorted(tags.items()))),
         tags_index(tags),
         updated_at,
     )
@@ -242,7 +234,7 @@ async def set_dispatch_policy(
         """,
         tenant,
         url,
-        _json(policy),
+        to_jsonb(policy),
         updated_at,
     )
     return updated_at

@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
+
+from electric_agents.db.jsonb import from_jsonb, to_jsonb
 
 
 def now_iso() -> str:
@@ -61,26 +62,15 @@ _COLUMNS = """
 """
 
 
-def _json(value: Any) -> str | None:
-    # SQL NULL for "not set", so `{}` (present but empty) stays distinct (spec/02 §7.4).
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _loads(value: Any) -> Any:
-    if value is None or not isinstance(value, str | bytes):
-        return value
-    return orjson.loads(value)
-
-
 def _entity_type(row: asyncpg.Record) -> EntityType:
     return EntityType(
         name=row["name"],
         description=row["description"],
-        creation_schema=_loads(row["creation_schema"]),
-        inbox_schemas=_loads(row["inbox_schemas"]),
-        state_schemas=_loads(row["state_schemas"]),
+        creation_schema=from_jsonb(row["creation_schema"]),
+        inbox_schemas=from_jsonb(row["inbox_schemas"]),
+        state_schemas=from_jsonb(row["state_schemas"]),
         serve_endpoint=row["serve_endpoint"],
-        default_dispatch_policy=_loads(row["default_dispatch_policy"]),
+        default_dispatch_policy=from_jsonb(row["default_dispatch_policy"]),
         revision=row["revision"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -131,11 +121,11 @@ async def upsert_entity_type(
         tenant,
         entity_type.name,
         entity_type.description,
-        _json(entity_type.creation_schema),
-        _json(entity_type.inbox_schemas),
-        _json(entity_type.state_schemas),
+        to_jsonb(entity_type.creation_schema),
+        to_jsonb(entity_type.inbox_schemas),
+        to_jsonb(entity_type.state_schemas),
         entity_type.serve_endpoint,
-        _json(entity_type.default_dispatch_policy),
+        to_jsonb(entity_type.default_dispatch_policy),
         now_iso(),
     )
     return _entity_type(row)
@@ -155,11 +145,11 @@ async def insert_entity_type_if_absent(
         tenant,
         entity_type.name,
         entity_type.description,
-        _json(entity_type.creation_schema),
-        _json(entity_type.inbox_schemas),
-        _json(entity_type.state_schemas),
+        to_jsonb(entity_type.creation_schema),
+        to_jsonb(entity_type.inbox_schemas),
+        to_jsonb(entity_type.state_schemas),
         entity_type.serve_endpoint,
-        _json(entity_type.default_dispatch_policy),
+        to_jsonb(entity_type.default_dispatch_policy),
         created_at,
     )
 
@@ -186,8 +176,8 @@ async def replace_schema_maps(
         """,
         tenant,
         name,
-        _json(inbox_schemas),
-        _json(state_schemas),
+        to_jsonb(inbox_schemas),
+        to_jsonb(state_schemas),
         now_iso(),
     )
     return _entity_type(row) if row else None
