@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             max_append_bytes=args.max_append_bytes,
             base_url=args.base_url,
             stream_prefix="/v1/stream" if args.command == "streams" else "",
-            subscriptions=args.command == "streams",
+            subscriptions=True,
         )
     except ConfigError as error:
         print(f"electric-agents: error: {error}", file=sys.stderr)

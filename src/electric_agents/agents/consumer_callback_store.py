@@ -1,9 +1,52 @@
 """SQL for `consumer_callbacks` (spec/03 §1.2, §5.13): the DS callback behind each forwarded
-wake. Only the lookup the run-finished shortcut needs lives here so far."""
+wake: recorded when a webhook wake is forwarded, read by `callback-forward`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
+
+
+@dataclass(frozen=True)
+class ConsumerCallback:
+    callback_url: str
+    primary_stream: str | None
+
+
+async def upsert_consumer_callback(
+    conn: asyncpg.Connection,
+    tenant: str,
+    consumer_id: str,
+    callback_url: str,
+    primary_stream: str,
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO consumer_callbacks (tenant_id, consumer_id, callback_url, primary_stream)
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT (tenant_id, consumer_id) DO UPDATE
+        SET callback_url = EXCLUDED.callback_url, primary_stream = EXCLUDED.primary_stream
+        """,
+        tenant,
+        consumer_id,
+        callback_url,
+        primary_stream,
+    )
+
+
+async def get_consumer_callback(
+    conn: asyncpg.Connection, tenant: str, consumer_id: str
+) -> ConsumerCallback | None:
+    row = await conn.fetchrow(
+        """
+        SELECT callback_url, primary_stream FROM consumer_callbacks
+        WHERE tenant_id = $1 AND consumer_id = $2
+        """,
+        tenant,
+        consumer_id,
+    )
+    return ConsumerCallback(row["callback_url"], row["primary_stream"]) if row else None
 
 
 async def has_consumer_callback(conn: asyncpg.Connection, tenant: str, main_stream: str) -> bool:

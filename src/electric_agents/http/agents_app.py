@@ -8,7 +8,13 @@ import logging
 from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
-from electric_agents.http import routes_entities, routes_entity_types, routes_signals
+from electric_agents.http import (
+    routes_dispatch,
+    routes_entities,
+    routes_entity_types,
+    routes_runners,
+    routes_signals,
+)
 from electric_agents.http.responses import (
     Receive,
     Scope,
@@ -19,6 +25,7 @@ from electric_agents.http.responses import (
     send_response,
 )
 from electric_agents.http.router import Request, Response, Route, Router, json_response, parse_query
+from electric_agents.streams.subscription_service import SubscriptionService
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +36,29 @@ async def health(_request: Request) -> Response:
     return json_response(200, {"status": "ok"})
 
 
-def control_routes(runtime: AgentsRuntime) -> list[Route]:
-    """Every `/_electric` route, in match order (spec/02 §3.8)."""
+def control_routes(
+    runtime: AgentsRuntime, subscriptions: SubscriptionService | None = None
+) -> list[Route]:
+    """Every `/_electric` route, in match order (spec/02 §3.8). The wake dispatch routes
+    exist when the server runs its subscription service."""
+    dispatch = routes_dispatch.routes(runtime, subscriptions) if subscriptions else []
     return [
         Route("GET", "/_electric/health", health),
         Route("HEAD", "/_electric/health", health),
         *routes_entity_types.routes(runtime),
         *routes_signals.routes(runtime),
         *routes_entities.routes(runtime),
+        *routes_runners.routes(runtime),
+        *dispatch,
     ]
 
 
 class AgentsApp:
-    def __init__(self, runtime: AgentsRuntime) -> None:
+    def __init__(
+        self, runtime: AgentsRuntime, subscriptions: SubscriptionService | None = None
+    ) -> None:
         self.runtime = runtime
-        self.router = Router(control_routes(runtime))
+        self.router = Router(control_routes(runtime, subscriptions))
 
     def resolve_principal(self, headers: dict[str, str]) -> Principal:
         raw = headers.get("electric-principal")

@@ -11,6 +11,7 @@ import asyncpg
 
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.stream_policy import EntityStreamPolicy
+from electric_agents.agents.wake_dispatch import EntityWebhookForwarder
 from electric_agents.config import Settings
 from electric_agents.db.pool import open_pool
 from electric_agents.errors import ApiError
@@ -45,19 +46,23 @@ class ServerApp:
         self.engine = StreamEngine(self.pool, self.database_url)
         await self.engine.start()
         control_app = None
+        if self.serves_agents:
+            self.agents = AgentsRuntime(self.settings, self.pool, self.engine)
         if self.settings.subscriptions:
+            # Under `serve` the stream root is the public root, so `/__ds/...` is at the
+            # root, and entity wakes are enriched in process (spec/02 §4.5).
             self.subscriptions = SubscriptionService(
                 self.engine,
                 public_root=self.settings.public_url + self.settings.stream_prefix,
                 database_url=self.database_url,
+                forwarder=EntityWebhookForwarder(self.agents) if self.agents else None,
             )
             await self.subscriptions.start()
             control_app = SubscriptionsApp(self.subscriptions, prefix=self.settings.stream_prefix)
         append_policy: EntityStreamPolicy | None = None
-        if self.serves_agents:
+        if self.agents is not None:
             # Built before the stream app: entity stream appends go through its policy.
-            self.agents = AgentsRuntime(self.settings, self.pool, self.engine)
-            self.agents_app = AgentsApp(self.agents)
+            self.agents_app = AgentsApp(self.agents, self.subscriptions)
             append_policy = EntityStreamPolicy(self.agents)
         self.streams_app = StreamsApp(
             self.engine,

@@ -22,6 +22,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import asyncpg
@@ -57,6 +58,22 @@ RECENT_SUBSCRIPTION_S = 60.0
 SWEEP_BATCH = 200
 
 
+class WebhookForwarder(Protocol):
+    """What a layer above makes of a webhook wake before it is posted (the agents server
+    enriches entity wakes, spec/02 §4.5). Kept as a hook so streams never import agents."""
+
+    async def forward_body(
+        self, subscription: Subscription, payload: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The body to post instead of `payload`; None answers the wake `{"done":true}`
+        without calling the handler."""
+        ...
+
+    async def forward_failed(self, subscription: Subscription, payload: dict[str, Any]) -> None:
+        """The post of a forwarded body failed in transport."""
+        ...
+
+
 def retry_delay_s(failures: int, rng: Callable[[float, float], float] = random.uniform) -> float:
     """Exponential backoff from 1 s to 60 s, ±20 % jitter (spec/01 §A.19)."""
     base = min(RETRY_BASE_S * 2 ** max(0, failures - 1), RETRY_MAX_S)
@@ -72,8 +89,10 @@ class DeliveryWorker:
         *,
         public_root: str,
         database_url: str,
+        forwarder: WebhookForwarder | None = None,
     ) -> None:
         self._engine = engine
+        self._forwarder = forwarder
         self._pool = engine.pool
         self._signer = signer
         self._tokens = tokens
@@ -317,16 +336,20 @@ class DeliveryWorker:
     async def _post_webhook(self, subscription: Subscription) -> Subscription | None:
         wake = subscription.wake
         assert wake is not None and subscription.webhook_url is not None and self._http
-        body = orjson.dumps(
-            {
-                "subscription_id": subscription.id,
-                "wake_id": wake.wake_id,
-                "generation": wake.generation,
-                "streams": [wake.stream_document()],
-                "callback_url": self.callback_url(subscription.id),
-                "callback_token": self._tokens.mint(subscription.id, wake.generation, wake.wake_id),
-            }
-        )
+        payload: dict[str, Any] = {
+            "subscription_id": subscription.id,
+            "wake_id": wake.wake_id,
+            "generation": wake.generation,
+            "streams": [wake.stream_document()],
+            "callback_url": self.callback_url(subscription.id),
+            "callback_token": self._tokens.mint(subscription.id, wake.generation, wake.wake_id),
+        }
+        if self._forwarder is not None:
+            forwarded = await self._forwarder.forward_body(subscription, payload)
+            if forwarded is None:
+                return await self._finish(subscription, ack_named_offset=wake.tail_offset)
+            payload = forwarded
+        body = orjson.dumps(payload)
         headers = {
             "content-type": "application/json",
             "webhook-signature": self._signer.signature_header(body),
@@ -335,6 +358,8 @@ class DeliveryWorker:
             async with asyncio.timeout(WEBHOOK_TIMEOUT_S):
                 status, answer = await self._send(subscription.webhook_url, body, headers)
         except (httpx.HTTPError, TimeoutError, OSError) as error:
+            if self._forwarder is not None:
+                await self._forwarder.forward_failed(subscription, payload)
             return await self._failed(subscription, f"{type(error).__name__}: {error}")
         if not 200 <= status < 300:
             return await self._failed(subscription, f"webhook answered {status}")

@@ -5,6 +5,7 @@ does everything that happens in the background."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import asyncpg
 from electric_agents.errors import ApiError, bad_request
 from electric_agents.streams import subscription_store as store
 from electric_agents.streams import wake_store, wakes
-from electric_agents.streams.delivery import DeliveryWorker
+from electric_agents.streams.delivery import DeliveryWorker, WebhookForwarder
 from electric_agents.streams.engine import StreamEngine
 from electric_agents.streams.signing import CallbackTokens, WebhookSigner
 from electric_agents.streams.subscriptions import StreamLink, Subscription, SubscriptionConfig
@@ -35,8 +36,16 @@ def not_found() -> ApiError:
 
 
 class SubscriptionService:
-    def __init__(self, engine: StreamEngine, *, public_root: str, database_url: str) -> None:
+    def __init__(
+        self,
+        engine: StreamEngine,
+        *,
+        public_root: str,
+        database_url: str,
+        forwarder: WebhookForwarder | None = None,
+    ) -> None:
         self._engine = engine
+        self._forwarder = forwarder
         self._pool = engine.pool
         self._public_root = public_root.rstrip("/")
         self._database_url = database_url
@@ -53,6 +62,7 @@ class SubscriptionService:
             self._tokens,
             public_root=self._public_root,
             database_url=self._database_url,
+            forwarder=self._forwarder,
         )
         await self._worker.start()
 
@@ -149,16 +159,33 @@ class SubscriptionService:
 
     # The consumer side of a wake --------------------------------------------------------
 
-    async def callback(self, subscription_id: str, token: str, report: WakeReport) -> bool:
-        """A webhook consumer's acks, heartbeat or done; returns whether a next wake opened."""
-        return await self._report(subscription_id, token, report, pull_wake_only=False)
+    async def callback(
+        self,
+        subscription_id: str,
+        token: str,
+        report: WakeReport,
+        *,
+        after_done: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """A webhook consumer's acks, heartbeat or done; returns whether a next wake opened.
+        `after_done` runs once a done has committed and before the next wake is delivered
+        (the agents layer ends the entity's run there, so the next wake's start follows)."""
+        return await self._report(
+            subscription_id, token, report, pull_wake_only=False, after_done=after_done
+        )
 
     async def ack(self, subscription_id: str, token: str, report: WakeReport) -> bool:
         """A pull-wake worker's acks, heartbeat or done; returns whether a next wake opened."""
         return await self._report(subscription_id, token, report, pull_wake_only=True)
 
     async def _report(
-        self, subscription_id: str, token: str, report: WakeReport, *, pull_wake_only: bool
+        self,
+        subscription_id: str,
+        token: str,
+        report: WakeReport,
+        *,
+        pull_wake_only: bool,
+        after_done: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
             subscription = await self._locked(conn, subscription_id, pull_wake_only)
@@ -171,6 +198,8 @@ class SubscriptionService:
             else:
                 # Every accepted call renews the consumer's lease (a heartbeat).
                 await wake_store.extend_lease(conn, subscription_id, subscription.lease_ttl_ms)
+        if report.done and after_done is not None:
+            await after_done()
         if opened is not None:
             self.worker.dispatch(opened)
         self.worker.kick()
