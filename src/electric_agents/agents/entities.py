@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 
 from electric_agents.agents import events
+from electric_agents.agents.dispatch_links import link_dispatch
 from electric_agents.agents.entity_store import (
     Entity,
     current_txid,
@@ -206,6 +207,10 @@ async def spawn(
         )
         created = events.entity_created(entity_type.name, now, request.args, request.parent)
         await create_entity_with_streams(tx, tenant, entity, [created])
+        # Linked at the tail (after `entity_created`), before the initial message.
+        await link_dispatch(
+            conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
+        )
         if request.wake is not None:
             await _register_wake(conn, tenant, url, request.wake)
         if request.initial_message is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from electric_agents.agents import events
+from electric_agents.agents.dispatch_links import link_dispatch
 from electric_agents.agents.entity_store import (
     Entity,
     get_entity,
@@ -115,6 +116,12 @@ async def send(
             raise entity_not_found()
         entity_type = await get_entity_type(tx.conn, tenant, entity.type)
         await _backfill_dispatch_policy(tx, tenant, entity, entity_type)
+        if entity.status not in REJECTS_WRITES:
+            # Before the append, in its transaction: the send commits with the link that
+            # wakes its handler (spec/02 §3.4 side effect C).
+            await link_dispatch(
+                tx.conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
+            )
         if request.after_ms is not None and request.after_ms > 0:
             check_send(entity, entity_type, request, sender)
             await _schedule_delayed_send(tx, tenant, entity, request, sender, request.after_ms)

@@ -34,6 +34,9 @@ class AgentsRuntime:
         # redirects, so a handler cannot bounce us to another address.
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False)
         self._workers: list[tuple[str, Worker]] = []
+        # Set by the app when a subscription service runs: dispatch linking tells its
+        # delivery worker that a subscription now exists (see dispatch_links).
+        self.on_subscription_created: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def add_worker(self, name: str, worker: Worker) -> None:

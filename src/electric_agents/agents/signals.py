@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from electric_agents.agents.dispatch_links import unlink_dispatch
 from electric_agents.agents.entity_store import (
     TERMINAL_STATUSES,
     Entity,
@@ -284,12 +285,11 @@ async def enter_terminal(
 ) -> None:
     """The cleanup every terminal entry runs inside the caller's transaction (spec/03 §2.6):
     close `main` then `error` (appending `closing_body` to both first, when given), delete
-    the entity's wake registrations as subscriber and as source, revoke its write token.
+    the entity's wake registrations as subscriber and as source, unlink its main stream
+    from its dispatch subscription (spec/02 §3.4), revoke its write token.
 
-    The status row must already say `stopped`/`killed` in this transaction. Unlinking the
-    main stream from its dispatch subscription is the dispatch layer's job: once closed and
-    acknowledged the stream produces no more wakes, and a wake already queued for it is
-    refused at start (WAKE_START_TABLE)."""
+    The status row must already say `stopped`/`killed` in this transaction. A wake already
+    queued for the entity is refused at start (WAKE_START_TABLE)."""
     for stream in (entity.main_stream, entity.error_stream):
         try:
             await tx.append(
@@ -303,6 +303,7 @@ async def enter_terminal(
                 raise
             log.warning("closing %s for terminal %s: %s", stream, entity.url, error.message)
     removed = await delete_entity_wake_registrations(tx.conn, tenant, entity.url)
+    await unlink_dispatch(tx.conn, entity)
     await revoke_write_token(tx.conn, tenant, entity.url)
     if removed:
         log.info("removed %d wake registrations of terminal %s", removed, entity.url)

@@ -58,6 +58,8 @@ class ServerApp:
                 forwarder=EntityWebhookForwarder(self.agents) if self.agents else None,
             )
             await self.subscriptions.start()
+            if self.agents is not None:
+                self.agents.on_subscription_created = self.subscriptions.worker.subscription_created
             control_app = SubscriptionsApp(self.subscriptions, prefix=self.settings.stream_prefix)
         append_policy: EntityStreamPolicy | None = None
         if self.agents is not None:

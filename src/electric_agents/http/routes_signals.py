@@ -49,8 +49,8 @@ def routes(runtime: AgentsRuntime) -> list[Route]:
             reason=body.get("reason"),
             payload=body.get("payload", NO_PAYLOAD),
         )
-        # Call point for the dispatch layer: a terminal entity's main stream is unlinked
-        # from its dispatch subscription (spec/02 §3.4). The write token is already revoked.
+        # A terminal entity's main stream was unlinked from its dispatch subscription in
+        # the signal's transaction (enter_terminal), and its write token revoked.
         return json_response(200, result.wire())
 
     async def legacy_kill(request: Request) -> Response:
