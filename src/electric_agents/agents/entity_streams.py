@@ -23,18 +23,6 @@ def duplicate_url(url: str) -> ApiError:
     return ApiError(409, "DUPLICATE_URL", f'Entity already exists at URL "{url}"')
 
 
-def _json_stream(path: str, body: bytes) -> CreateSpec:
-    return CreateSpec(
-        path=path,
-        content_type=events.JSON_CONTENT_TYPE,
-        ttl_seconds=None,
-        expires_at=None,
-        expires_at_ts=None,
-        closed=False,
-        body=body,
-    )
-
-
 async def create_entity_with_streams(
     tx: StreamTransaction, tenant: str, entity: Entity, first_events: list[dict[str, Any]]
 ) -> None:
@@ -49,7 +37,9 @@ async def create_entity_with_streams(
         (entity.error_stream, b""),
     ):
         try:
-            result = await tx.create(_json_stream(events.stream_path(url), body))
+            result = await tx.create(
+                CreateSpec(events.stream_path(url), events.JSON_CONTENT_TYPE, body=body)
+            )
         except ApiError as error:
             if error.status == 409:
                 raise duplicate_url(entity.url) from None

@@ -179,7 +179,7 @@ async def register_runner(
             )
             if runner is None:
                 raise not_owner()
-            await tx.create(_wake_stream_spec(stream_path))
+            await tx.create(CreateSpec(stream_path, events.JSON_CONTENT_TYPE))
     except asyncpg.UniqueViolationError as error:
         # The reference let this constraint surface as a 500; it is the caller's input.
         if error.constraint_name != "uq_runners_wake_stream":
@@ -188,18 +188,6 @@ async def register_runner(
             f'wake_stream "{wake_stream}" is already used by another runner'
         ) from None
     return runner
-
-
-def _wake_stream_spec(path: str) -> CreateSpec:
-    return CreateSpec(
-        path=path,
-        content_type=events.JSON_CONTENT_TYPE,
-        ttl_seconds=None,
-        expires_at=None,
-        expires_at_ts=None,
-        closed=False,
-        body=b"",
-    )
 
 
 async def list_runners(

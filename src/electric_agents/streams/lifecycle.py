@@ -33,11 +33,11 @@ class CreateSpec:
 
     path: str
     content_type: str | None  # None when absent or not `type/subtype`
-    ttl_seconds: int | None
-    expires_at: str | None
-    expires_at_ts: datetime | None
-    closed: bool
-    body: bytes
+    ttl_seconds: int | None = None
+    expires_at: str | None = None
+    expires_at_ts: datetime | None = None
+    closed: bool = False
+    body: bytes = b""
     forked_from_path: str | None = None
     fork_offset: int | None = None
     fork_sub_offset: int | None = None
