@@ -37,6 +37,9 @@ class AgentsRuntime:
         # Set by the app when a subscription service runs: dispatch linking tells its
         # delivery worker that a subscription now exists (see dispatch_links).
         self.on_subscription_created: Callable[[], None] | None = None
+        # Called with the path of every stream GET/HEAD outside `/_electric` (entity
+        # bridges use it to see which membership streams are being read).
+        self.read_observers: list[Callable[[str], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     def add_worker(self, name: str, worker: Worker) -> None:

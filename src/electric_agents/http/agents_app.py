@@ -11,6 +11,7 @@ from electric_agents.errors import ApiError
 from electric_agents.http import (
     routes_dispatch,
     routes_entities,
+    routes_entity_bridges,
     routes_entity_types,
     routes_runners,
     routes_signals,
@@ -47,6 +48,7 @@ def control_routes(
         Route("HEAD", "/_electric/health", health),
         *routes_entity_types.routes(runtime),
         *routes_signals.routes(runtime),
+        *routes_entity_bridges.routes(runtime),
         *routes_entities.routes(runtime),
         *routes_runners.routes(runtime),
         *dispatch,

@@ -121,6 +121,9 @@ class ServerApp:
             elif path.startswith("/_electric/") or path == "/_electric":
                 await self._electric(scope, receive, tracking_send, path)
             else:
+                if self.agents is not None and scope["method"] in ("GET", "HEAD"):
+                    for observe in self.agents.read_observers:
+                        observe(path)
                 await self.streams_app(scope, receive, tracking_send)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
