@@ -179,7 +179,7 @@ async def spawn(
             raise unknown_entity_type(type_segment)
         parent = await get_entity(conn, tenant, request.parent) if request.parent else None
         policy = spawn_dispatch_policy(request.dispatch_policy, parent, entity_type)
-        await _check_runner_targets(conn, tenant, policy, creator)
+        await check_runner_targets(conn, tenant, policy, creator)
         if request.args is not None and entity_type.creation_schema is not None:
             errors = validation_errors(entity_type.creation_schema, request.args)
             if errors:
@@ -254,7 +254,7 @@ def _same_destination(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(a.get("url") == b.get("url"))
 
 
-async def _check_runner_targets(
+async def check_runner_targets(
     conn: asyncpg.Connection, tenant: str, policy: dict[str, Any] | None, creator: Principal
 ) -> None:
     """Runner dispatch needs an existing runner owned by the caller (spec/02 §3.4 step 3)."""

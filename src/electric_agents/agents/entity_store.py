@@ -80,7 +80,7 @@ def tags_index(tags: dict[str, str]) -> list[str]:
     return sorted(orjson.dumps([key, value]).decode() for key, value in tags.items())
 
 
-def _entity(row: asyncpg.Record) -> Entity:
+def entity_from_row(row: asyncpg.Record) -> Entity:
     return Entity(
         url=row["url"],
         type=row["type"],
@@ -100,7 +100,7 @@ def _entity(row: asyncpg.Record) -> Entity:
     )
 
 
-_COLUMNS = """
+ENTITY_COLUMNS = """
     url, type, status, subscription_id, dispatch_policy, write_token, tags, spawn_args,
     parent, created_by, type_revision, inbox_schemas, state_schemas, created_at, updated_at
 """
@@ -116,7 +116,7 @@ async def insert_entity(conn: asyncpg.Connection, tenant: str, entity: Entity) -
     """Insert the entity row and its dispatch row; False if the URL is taken."""
     inserted = await conn.fetchval(
         f"""
-        INSERT INTO entities (tenant_id, {_COLUMNS}, tags_index)
+        INSERT INTO entities (tenant_id, {ENTITY_COLUMNS}, tags_index)
         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb, $9::jsonb, $10, $11, $12,
                 $13::jsonb, $14::jsonb, $15, $16, $17)
         ON CONFLICT (tenant_id, url) DO NOTHING
@@ -158,9 +158,11 @@ async def get_entity(
 ) -> Entity | None:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM entities WHERE tenant_id = $1 AND url = $2{lock}", tenant, url
+        f"SELECT {ENTITY_COLUMNS} FROM entities WHERE tenant_id = $1 AND url = $2{lock}",
+        tenant,
+        url,
     )
-    return _entity(row) if row else None
+    return entity_from_row(row) if row else None
 
 
 async def list_entities(
@@ -175,7 +177,7 @@ async def list_entities(
     """Exact-match filters; newest first, as `GET /_electric/entities` lists them."""
     rows = await conn.fetch(
         f"""
-        SELECT {_COLUMNS} FROM entities
+        SELECT {ENTITY_COLUMNS} FROM entities
         WHERE tenant_id = $1
           AND ($2::text IS NULL OR type = $2)
           AND ($3::text IS NULL OR status = $3)
@@ -189,7 +191,7 @@ async def list_entities(
         parent,
         created_by,
     )
-    return [_entity(row) for row in rows]
+    return [entity_from_row(row) for row in rows]
 
 
 async def set_status(conn: asyncpg.Connection, tenant: str, url: str, status: str) -> int:

@@ -13,6 +13,7 @@ from electric_agents.http import (
     routes_entities,
     routes_entity_bridges,
     routes_entity_types,
+    routes_fork,
     routes_runners,
     routes_signals,
 )
@@ -50,6 +51,7 @@ def control_routes(
         *routes_signals.routes(runtime),
         *routes_entity_bridges.routes(runtime),
         *routes_entities.routes(runtime),
+        *routes_fork.routes(runtime),
         *routes_runners.routes(runtime),
         *dispatch,
     ]
