@@ -574,3 +574,107 @@ async def test_terminal_entity_leaves_its_runner_subscription(
     assert killed.status_code == 200, killed.text
     after = (await http.get(f"/__ds/subscriptions/{subscription_id}")).json()
     assert after["streams"] == []
+
+
+# --- ugly cases -----------------------------------------------------------------------------
+
+
+async def test_claim_body_must_be_an_object(http: httpx.AsyncClient) -> None:
+    runner = await register_runner(http)
+    for body in (b"[]", b'"wake"', b"3"):
+        response = await http.post(
+            f"/_electric/runners/{runner.id}/claim",
+            content=body,
+            headers={"content-type": "application/json", **ALICE},
+        )
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["code"] == "INVALID_REQUEST"
+
+
+async def test_concurrent_claims_of_one_wake_have_one_winner(
+    http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    runner, url, event = await woken(http)
+    responses = await asyncio.gather(*(runner.claim(event) for _ in range(6)))
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200, 409, 409, 409, 409, 409], [r.text for r in responses]
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["error"]["code"] == "ALREADY_CLAIMED"
+    assert await entity_status(http, url) == "running"
+    active = await db.fetchval(
+        """
+        SELECT count(*) FROM consumer_claims
+        WHERE tenant_id = $1 AND entity_url = $2 AND status = 'active'
+        """,
+        TENANT,
+        url,
+    )
+    assert active == 1
+
+
+async def test_claim_survives_a_server_crash(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """Claims, their tokens and write tokens are durable: after kill -9 and a restart the
+    runner finishes its wake as if nothing happened."""
+    runner, url, notification = await claimed_wake(http)
+    token = notification["claimToken"]
+    local = await callback(
+        http, notification, {"epoch": 1, "wakeId": notification["wakeId"]}, token
+    )
+    write_token = local.json()["writeToken"]
+
+    server.kill9()
+    server.restart()
+
+    health = await http.get(f"/_electric/runners/{runner.id}/health", headers=ALICE)
+    assert health.status_code == 200, health.text
+    assert health.json()["claims"]["active_count"] == 1
+    beat = await callback(http, notification, {"epoch": 1}, token)
+    assert beat.status_code == 200, beat.text
+    written = await http.post(
+        f"{url}/main",
+        json=[{"type": "reply", "key": "r1", "value": {}, "headers": {}}],
+        headers={"authorization": f"Bearer {write_token}"},
+    )
+    assert written.status_code in (200, 204), written.text
+    ack = {"path": f"{url}/main", "offset": notification["streams"][0]["offset"]}
+    done = await callback(http, notification, {"epoch": 1, "acks": [ack], "done": True}, token)
+    assert done.status_code == 200, done.text
+    assert await entity_status(http, url) == "idle"
+    assert (await claim_row(db, notification["wakeId"]))["status"] == "released"
+
+
+async def test_a_claim_whose_lease_ran_out_is_expired_by_the_next_claim(
+    http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    runner, url, first = await claimed_wake(http)
+    subscription_id = f"runner:{runner.id}:{sha16(url)}"
+    # The runner went quiet: its lease runs out, and the wake is issued again.
+    await db.execute(
+        "UPDATE ds_subscriptions SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        subscription_id,
+    )
+    again = await runner.next_wake_event()
+    assert again["generation"] == 2
+    response = await runner.claim(again)
+    assert response.status_code == 200, response.text
+    second = response.json()
+    assert second["epoch"] == 2
+    assert (await claim_row(db, first["wakeId"]))["status"] == "expired"
+    assert (await claim_row(db, second["wakeId"]))["status"] == "active"
+    health = (await http.get(f"/_electric/runners/{runner.id}/health", headers=ALICE)).json()
+    assert [claim["consumer_id"] for claim in health["claims"]["active"]] == [second["wakeId"]]
+
+    # The first holder's late done is fenced, and changes nothing.
+    late = await callback(http, first, {"epoch": 1, "done": True}, first["claimToken"])
+    assert late.status_code == 502, late.text
+    assert "FENCED" in late.json()["error"]["message"]
+    assert await entity_status(http, url) == "running"
+    ack = {"path": f"{url}/main", "offset": second["streams"][0]["offset"]}
+    done = await callback(
+        http, second, {"epoch": 2, "acks": [ack], "done": True}, second["claimToken"]
+    )
+    assert done.json() == {"ok": True, "next_wake": False}
+    assert await entity_status(http, url) == "idle"

@@ -27,11 +27,19 @@ class ActiveClaim:
 async def materialize_active_claim(
     conn: asyncpg.Connection, tenant: str, claim: ActiveClaim
 ) -> None:
-    """Upsert the active `consumer_claims` row and point the entity's dispatch state at it."""
+    """Upsert the active `consumer_claims` row and point the entity's dispatch state at it.
+
+    Other claims of the entity still marked active are marked `expired`: the entity's
+    subscription has one outstanding wake at a time, so a new claim means the older one lost
+    its lease (the reference never expired them, so its health report kept them forever)."""
     lease_s = claim.lease_ttl_ms / 1000 if claim.lease_ttl_ms is not None else None
     await conn.execute(
         """
-        WITH claim AS (
+        WITH expired AS (
+            UPDATE consumer_claims SET status = 'expired', updated_at = now()
+            WHERE tenant_id = $1 AND entity_url = $4 AND status = 'active'
+              AND NOT (consumer_id = $2 AND epoch = $3)
+        ), claim AS (
             INSERT INTO consumer_claims (tenant_id, consumer_id, epoch, wake_id, entity_url,
                                          stream_path, runner_id, status, claimed_at,
                                          lease_expires_at, released_at, acked_streams,

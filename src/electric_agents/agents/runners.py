@@ -2,8 +2,7 @@
 heartbeats with client diagnostics, admin status and the health report.
 
 Principals own runners; every operation is allowed to the owner only. The claim route
-(spec/02 §3.5 claim, §4.9) needs DS subscription claims and claim materialisation, which
-belong to wake dispatch, and is not here.
+(spec/02 §3.5 claim, §4.9) belongs to wake dispatch: agents/runner_claims.py.
 """
 
 from __future__ import annotations
