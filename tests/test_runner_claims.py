@@ -678,3 +678,81 @@ async def test_a_claim_whose_lease_ran_out_is_expired_by_the_next_claim(
     )
     assert done.json() == {"ok": True, "next_wake": False}
     assert await entity_status(http, url) == "idle"
+
+
+async def test_runner_target_with_its_own_subscription_id_is_claimable(
+    http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    runner = await register_runner(http)
+    type_name = await runner_type(http, runner)
+    target = {"type": "runner", "runnerId": runner.id, "subscription_id": "nightly"}
+    response = await http.put(
+        f"/_electric/entities/{type_name}/{unique_id()}",
+        json={"dispatch_policy": {"targets": [target]}},
+        headers=ALICE,
+    )
+    assert response.status_code == 201, response.text
+    url = response.json()["url"]
+    await send(http, url, "hello")
+    event = await runner.next_wake_event()
+    assert event["subscription_id"] == f"nightly:{sha16(url)}"
+    claimed = await runner.claim(event)
+    assert claimed.status_code == 200, claimed.text
+    assert claimed.json()["entity"]["url"] == url
+    assert (await claim_row(db, claimed.json()["wakeId"]))["runner_id"] == runner.id
+    # Another runner cannot claim from it: the subscription writes to someone else's stream.
+    other = await register_runner(http)
+    assert_error(
+        await other.claim(event),
+        400,
+        "INVALID_REQUEST",
+        "Wake event subscription_id does not match runner",
+    )
+
+
+async def test_wake_of_a_stream_no_entity_owns_is_not_found_and_ended(
+    http: httpx.AsyncClient,
+) -> None:
+    runner = await register_runner(http)
+    stream = f"plain-{unique_id()}/data"
+    created = await http.put(f"/{stream}", headers={"content-type": "application/json"})
+    assert created.status_code == 201, created.text
+    subscription_id = f"runner:{runner.id}:plain"
+    subscribed = await http.put(
+        f"/__ds/subscriptions/{subscription_id}",
+        json={"type": "pull-wake", "streams": [stream], "wake_stream": runner.wake_stream[1:]},
+    )
+    assert subscribed.status_code == 201, subscribed.text
+    appended = await http.post(f"/{stream}", json=[{"n": 1}])
+    assert appended.status_code in (200, 204), appended.text
+    event = await runner.next_wake_event()
+    assert event["subscription_id"] == subscription_id
+    assert_error(
+        await runner.claim(event), 404, "NOT_FOUND", "Claim stream is not attached to an entity"
+    )
+    # Ended, not left claimed until its lease runs out.
+    assert_error(
+        await runner.claim(event), 409, "NO_PENDING_WORK", "Subscription has no pending work"
+    )
+
+
+async def test_claim_of_a_subscription_id_with_nul_is_no_content(
+    http: httpx.AsyncClient,
+) -> None:
+    runner = await register_runner(http)
+    response = await runner.claim({"subscription_id": f"runner:{runner.id}:\x00"})
+    assert response.status_code == 204, response.text
+    bad = await runner.claim({"subscription_id": "\x00"})
+    assert bad.status_code == 400, bad.text
+
+
+async def test_callback_forward_for_a_consumer_id_with_nul_is_not_found(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.post(
+        "/_electric/callback-forward/w_%00",
+        json={"epoch": 1},
+        headers={"authorization": "Bearer x"},
+    )
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "CALLBACK_NOT_FOUND"

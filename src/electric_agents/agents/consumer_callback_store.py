@@ -53,6 +53,8 @@ async def upsert_consumer_callback(
 async def get_consumer_callback(
     conn: asyncpg.Connection, tenant: str, consumer_id: str
 ) -> ConsumerCallback | None:
+    if "\x00" in consumer_id:
+        return None  # PostgreSQL text cannot hold NUL, so no such consumer was stored
     row = await conn.fetchrow(
         """
         SELECT callback_url, primary_stream FROM consumer_callbacks

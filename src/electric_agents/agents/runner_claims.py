@@ -6,11 +6,13 @@ The claim's durable records (`consumer_callbacks`, the active `consumer_claims` 
 entity's `entity_dispatch_state.active_*` fields) and the `running` status commit in one
 transaction, under the entity's row lock.
 
-Deliberate fix of the reference: for a paused or terminal entity the reference released the
-claim, and since its stream was still pending the subscription woke the runner again at once,
-in a loop for as long as the entity stayed paused. Here the wake is ended the way a webhook
-handler's `{"done":true}` ends it (its stream acknowledged up to the wake's tail), exactly what
-the webhook path does for such an entity.
+Deliberate fixes of the reference: for a paused or terminal entity the reference released
+the claim, and since its stream was still pending the subscription woke the runner again at
+once, in a loop for as long as the entity stayed paused. Here the wake is ended the way a
+webhook handler's `{"done":true}` ends it (its stream acknowledged up to the wake's tail),
+exactly what the webhook path does for such an entity; a wake of a stream no entity owns is
+ended the same way. A runner may also claim from any pull-wake subscription that writes to
+its own wake stream (see `_claimable_subscription`).
 """
 
 from __future__ import annotations
@@ -20,21 +22,26 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import asyncpg
+
 from electric_agents.agents import runner_store
 from electric_agents.agents.consumer_callback_store import (
     pull_wake_callback,
     upsert_consumer_callback,
 )
 from electric_agents.agents.consumer_claim_store import ActiveClaim, materialize_active_claim
-from electric_agents.agents.entity_store import get_entity, set_status
+from electric_agents.agents.entity_store import Entity, get_entity, set_status
 from electric_agents.agents.principals import Principal
+from electric_agents.agents.runner_store import Runner
 from electric_agents.agents.runners import runner_not_found
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.signals import WAKE_START_TABLE
 from electric_agents.agents.stream_policy import entity_url_of_stream
 from electric_agents.agents.wake_dispatch import entity_document, principal_document
 from electric_agents.errors import ApiError, bad_request
+from electric_agents.streams import subscription_store
 from electric_agents.streams.subscription_service import SubscriptionService, WakeReport
+from electric_agents.streams.subscriptions import normalize_path
 from electric_agents.streams.wakes import Ack
 
 log = logging.getLogger(__name__)
@@ -110,8 +117,9 @@ async def claim_runner_wake(
         raise ApiError(403, "UNAUTHORIZED", "Runner claim requires the authenticated owner")
     if runner.admin_status != "enabled":
         raise ApiError(409, "NOT_RUNNING", "Runner is disabled")
-    subscription_id = check_subscription_id(runner_id, request.subscription_id)
-
+    subscription_id = await _claimable_subscription(runtime, runner, request.subscription_id)
+    if "\x00" in subscription_id:
+        return None  # no subscription can have it in its id (PostgreSQL text cannot hold it)
     claimed = await _claim_at_subscription(subscriptions, subscription_id, runner_id)
     if claimed is None:
         return None
@@ -123,38 +131,24 @@ async def claim_runner_wake(
         raise ApiError(502, "INVALID_REQUEST", "Claim response did not include a stream")
     primary_stream = "/" + str(primary["path"]).lstrip("/")
     entity_url = entity_url_of_stream(primary_stream)
-    if entity_url is None:
+    entity = None
+    target = None
+    if entity_url is not None:
+        async with runtime.engine.transaction() as tx:
+            entity, target = await _start_run(
+                tx.conn, tenant, entity_url, runner_id, subscription_id, claimed, primary_stream
+            )
+    if entity is None:
+        # No entity can ever run this wake: end it rather than let its lease run out and
+        # the same wake come back every lease period (the reference left it claimed).
+        await _end_unrun_wake(subscriptions, subscription_id, claimed, primary)
         raise ApiError(404, "NOT_FOUND", "Claim stream is not attached to an entity")
-
-    async with runtime.engine.transaction() as tx:
-        entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
-        if entity is None:
-            raise ApiError(404, "NOT_FOUND", "Claim stream is not attached to an entity")
-        target = WAKE_START_TABLE[entity.status]
-        if target is not None:
-            if target != entity.status:
-                await set_status(tx.conn, tenant, entity_url, target)
-            await upsert_consumer_callback(
-                tx.conn, tenant, wake_id, pull_wake_callback(subscription_id), primary_stream
-            )
-            await materialize_active_claim(
-                tx.conn,
-                tenant,
-                ActiveClaim(
-                    consumer_id=wake_id,
-                    epoch=generation,
-                    entity_url=entity_url,
-                    stream_path=primary_stream,
-                    runner_id=runner_id,
-                    lease_ttl_ms=claimed.get("lease_ttl_ms"),
-                ),
-            )
     if target is None:
         # Paused or terminal (spec/03 T7): nothing runs; see the module docstring.
         await _end_unrun_wake(subscriptions, subscription_id, claimed, primary)
-        log.info("runner %s claim %s of %s answered done", runner_id, wake_id, entity_url)
+        log.info("runner %s claim %s of %s answered done", runner_id, wake_id, entity.url)
         return {"done": True}
-    log.info("runner %s claimed %s for %s (epoch %d)", runner_id, wake_id, entity_url, generation)
+    log.info("runner %s claimed %s for %s (epoch %d)", runner_id, wake_id, entity.url, generation)
     notification: dict[str, Any] = {
         "consumerId": wake_id,
         "epoch": generation,
@@ -173,6 +167,67 @@ async def claim_runner_wake(
     if principal is not None:
         notification["principal"] = principal
     return notification
+
+
+async def _start_run(
+    conn: asyncpg.Connection,
+    tenant: str,
+    entity_url: str,
+    runner_id: str,
+    subscription_id: str,
+    claimed: dict[str, Any],
+    primary_stream: str,
+) -> tuple[Entity | None, str | None]:
+    """Under the entity's row lock: the entity as it was before (None if there is none)
+    and the status it runs in (None when it must not run); when it runs, its status and
+    the claim's durable records are written (spec/03 T8)."""
+    entity = await get_entity(conn, tenant, entity_url, for_update=True)
+    if entity is None:
+        return None, None
+    target = WAKE_START_TABLE[entity.status]
+    if target is None:
+        return entity, None
+    if target != entity.status:
+        await set_status(conn, tenant, entity_url, target)
+    wake_id: str = claimed["wake_id"]
+    await upsert_consumer_callback(
+        conn, tenant, wake_id, pull_wake_callback(subscription_id), primary_stream
+    )
+    await materialize_active_claim(
+        conn,
+        tenant,
+        ActiveClaim(
+            consumer_id=wake_id,
+            epoch=claimed["generation"],
+            entity_url=entity_url,
+            stream_path=primary_stream,
+            runner_id=runner_id,
+            lease_ttl_ms=claimed.get("lease_ttl_ms"),
+        ),
+    )
+    return entity, target
+
+
+async def _claimable_subscription(
+    runtime: AgentsRuntime, runner: Runner, requested: str | None
+) -> str:
+    """The subscription to claim from: named after the runner (spec/02 §3.5), or, a fix of
+    the reference, any pull-wake subscription writing to this runner's wake stream: a runner
+    target with its own `subscription_id` (spec/02 §4.2 (b)) gets `<subscription_id>:<hash>`,
+    which the name rule alone made unclaimable."""
+    try:
+        return check_subscription_id(runner.id, requested)
+    except ApiError:
+        if requested and "\x00" not in requested:
+            async with runtime.pool.acquire() as conn:
+                subscription = await subscription_store.get_subscription(conn, requested)
+            if (
+                subscription is not None
+                and subscription.type == "pull-wake"
+                and subscription.wake_stream == normalize_path(runner.wake_stream)
+            ):
+                return requested
+        raise
 
 
 async def _end_unrun_wake(
