@@ -756,3 +756,33 @@ async def test_callback_forward_for_a_consumer_id_with_nul_is_not_found(
     )
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "CALLBACK_NOT_FOUND"
+
+
+async def test_runner_registered_again_with_another_wake_stream_gets_its_wakes_there(
+    http: httpx.AsyncClient,
+) -> None:
+    runner, url = await dispatched_entity(http)
+    moved = await http.post(
+        "/_electric/runners",
+        json={"id": runner.id, "label": "laptop", "wake_stream": f"/runners/{runner.id}/v2"},
+        headers=ALICE,
+    )
+    assert moved.status_code == 201, moved.text
+    await send(http, url, "hello")
+    event = await _next_event_on(http, f"/runners/{runner.id}/v2")
+    assert event["subscription_id"] == f"runner:{runner.id}:{sha16(url)}"
+    claimed = await runner.claim(event)
+    assert claimed.status_code == 200, claimed.text
+    old = await http.get(runner.wake_stream, params={"offset": "-1"})
+    assert old.json() == []
+
+
+async def _next_event_on(http: httpx.AsyncClient, path: str) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        events = (await http.get(path, params={"offset": "-1"})).json()
+        if events:
+            event: dict[str, Any] = events[0]
+            return event
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no wake event on {path}")
