@@ -786,3 +786,20 @@ async def _next_event_on(http: httpx.AsyncClient, path: str) -> dict[str, Any]:
             return event
         await asyncio.sleep(0.05)
     raise AssertionError(f"no wake event on {path}")
+
+
+async def test_done_after_a_kill_releases_the_claim_and_the_entity_stays_killed(
+    http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    _, url, notification = await claimed_wake(http)
+    killed = await http.post(
+        f"/_electric/entities{url}/signal", json={"signal": "SIGKILL"}, headers=ALICE
+    )
+    assert killed.status_code == 200, killed.text
+    ack = {"path": f"{url}/main", "offset": notification["streams"][0]["offset"]}
+    done = await callback(
+        http, notification, {"epoch": 1, "acks": [ack], "done": True}, notification["claimToken"]
+    )
+    assert done.status_code == 200, done.text
+    assert await entity_status(http, url) == "killed"
+    assert (await claim_row(db, notification["wakeId"]))["status"] == "released"
