@@ -1,8 +1,8 @@
 """Runners, the pull-wake workers (spec/02 §3.5, spec/03 §5.14), over HTTP against a real
 `electric-agents serve` process and its PostgreSQL.
 
-Claims and dispatch state are not reachable through any route yet, so the health report's
-claim and dispatch inputs are seeded directly in the database.
+The health report's claim and dispatch inputs are seeded directly in the database here;
+tests/test_runner_claims.py makes them through real claims.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """SQL for `consumer_callbacks` (spec/03 §1.2, §5.13): the DS callback behind each forwarded
-wake: recorded when a webhook wake is forwarded, read by `callback-forward`."""
+wake: recorded when a webhook wake is forwarded or a runner claims a pull wake, read by
+`callback-forward`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ from dataclasses import dataclass
 
 import asyncpg
 
+# The callback recorded for a pull-wake consumer: the subscription to ack on.
+PULL_WAKE_CALLBACK_PREFIX = "ds-subscription:"
+
 
 @dataclass(frozen=True)
 class ConsumerCallback:
     callback_url: str
     primary_stream: str | None
+
+    @property
+    def pull_wake_subscription(self) -> str | None:
+        """The subscription of a pull-wake consumer; None for a webhook one."""
+        if self.callback_url.startswith(PULL_WAKE_CALLBACK_PREFIX):
+            return self.callback_url[len(PULL_WAKE_CALLBACK_PREFIX) :] or None
+        return None
+
+
+def pull_wake_callback(subscription_id: str) -> str:
+    return PULL_WAKE_CALLBACK_PREFIX + subscription_id
 
 
 async def upsert_consumer_callback(
@@ -38,6 +53,8 @@ async def upsert_consumer_callback(
 async def get_consumer_callback(
     conn: asyncpg.Connection, tenant: str, consumer_id: str
 ) -> ConsumerCallback | None:
+    if "\x00" in consumer_id:
+        return None  # PostgreSQL text cannot hold NUL, so no such consumer was stored
     row = await conn.fetchrow(
         """
         SELECT callback_url, primary_stream FROM consumer_callbacks

@@ -1,12 +1,12 @@
 """Dispatch linking (spec/02 §3.4 "Common side effect C", §4.2 (b); spec/03 §5.11).
 
-An entity with a webhook dispatch policy has its main stream linked to the webhook
-subscription of that target, created if missing. Unlike the reference, which called the DS
-control API after its own writes, the link is written on the caller's connection inside the
-spawn or send transaction, before the inbox append: a send cannot commit without the link
-that wakes its handler, and a crash cannot leave one without the other.
-
-Runner targets are not linked here (yet).
+An entity with a dispatch policy has its main stream linked to the subscription of its
+target, created if missing: a webhook subscription for a webhook target, a pull-wake one
+writing wake events to the runner's wake stream for a runner target (spec/02 §4.9). Unlike
+the reference, which called the DS control API after its own writes, the link is written on
+the caller's connection inside the spawn or send transaction, before the inbox append: a
+send cannot commit without the link that wakes its handler, and a crash cannot leave one
+without the other.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any
 
 import asyncpg
 
+from electric_agents.agents import runner_store
 from electric_agents.agents.dispatch_policy import REWRITE_LOOPBACK_ENV, rewrite_loopback_url
 from electric_agents.agents.entity_store import Entity
 from electric_agents.agents.events import stream_path
 from electric_agents.config import env_value
 from electric_agents.errors import ApiError
+from electric_agents.streams import store as stream_store
 from electric_agents.streams import subscription_store as store
 from electric_agents.streams.subscriptions import (
     DEFAULT_LEASE_TTL_MS,
@@ -37,11 +39,23 @@ def _sha16(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def webhook_target(policy: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The policy's target when it is a webhook one."""
+def dispatch_target(policy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy's (only) target."""
     targets = (policy or {}).get("targets") or []
     target = targets[0] if targets else None
-    if isinstance(target, dict) and target.get("type") == "webhook":
+    return target if isinstance(target, dict) else None
+
+
+def webhook_target(policy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy's target when it is a webhook one."""
+    target = dispatch_target(policy)
+    return target if target is not None and target.get("type") == "webhook" else None
+
+
+def runner_target(policy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy's target when it is a runner one."""
+    target = dispatch_target(policy)
+    if target is not None and target.get("type") == "runner" and target.get("runnerId"):
         return target
     return None
 
@@ -66,9 +80,13 @@ async def link_dispatch(
     *,
     on_subscription_created: Callable[[], None] | None = None,
 ) -> None:
-    """Link the entity's main stream to its webhook dispatch subscription, on `conn` (in
-    the caller's transaction, after the main stream exists). The link starts at the
-    stream's current tail, so only what is appended later wakes the handler."""
+    """Link the entity's main stream to its dispatch subscription, on `conn` (in the
+    caller's transaction, after the main stream exists). The link starts at the stream's
+    current tail, so only what is appended later wakes the handler."""
+    runner = runner_target(entity.dispatch_policy)
+    if runner is not None:
+        await _link_runner(conn, tenant, entity, runner, on_subscription_created)
+        return
     target = webhook_target(entity.dispatch_policy)
     if target is None:
         return
@@ -119,6 +137,48 @@ async def link_dispatch(
             subscription_id,
             handler_url,
         )
+    await _link_stream(conn, subscription_id, path)
+
+
+async def _link_runner(
+    conn: asyncpg.Connection,
+    tenant: str,
+    entity: Entity,
+    target: dict[str, Any],
+    on_subscription_created: Callable[[], None] | None,
+) -> None:
+    """spec/02 §4.2 (b) runner target: a per-entity pull-wake subscription whose wake
+    events go to the runner's wake stream."""
+    runner_id: str = target["runnerId"]
+    runner = await runner_store.get_runner(conn, tenant, runner_id)
+    if runner is None:
+        raise ApiError(404, "NOT_FOUND", f'Runner "{runner_id}" not found')
+    wake_stream = stream_path(runner.wake_stream)
+    if await stream_store.get_meta(conn, wake_stream) is None:
+        # Registration creates it in the runner's own transaction, so only an explicit
+        # DELETE of the stream gets here; wake events are retried until the runner
+        # registers again (which recreates it).
+        log.warning("wake stream %s of runner %s is missing", wake_stream, runner_id)
+    subscription_id = dispatch_subscription_id(target, entity.url)
+    path = stream_path(entity.main_stream)
+    if await store.get_subscription(conn, subscription_id) is None:
+        config = SubscriptionConfig(
+            type="pull-wake",
+            pattern=None,
+            streams=(path,),
+            webhook_url=None,
+            wake_stream=wake_stream,
+            lease_ttl_ms=DEFAULT_LEASE_TTL_MS,
+            description=f"Electric Agents runner {runner_id}",
+        )
+        if await store.insert_subscription(conn, subscription_id, config) is not None:
+            log.info("created dispatch subscription %s -> runner %s", subscription_id, runner_id)
+            if on_subscription_created is not None:
+                on_subscription_created()
+    await _link_stream(conn, subscription_id, path)
+
+
+async def _link_stream(conn: asyncpg.Connection, subscription_id: str, path: str) -> None:
     already = await conn.fetchval(
         """
         SELECT explicit FROM ds_subscription_links WHERE subscription_id = $1 AND path = $2
@@ -135,8 +195,8 @@ async def unlink_dispatch(conn: asyncpg.Connection, entity: Entity) -> None:
     caller's transaction. A wake outstanding for that very stream keeps its link until it
     ends (its done acknowledges the stream, which needs the link); the closed stream then
     produces no further wakes."""
-    target = webhook_target(entity.dispatch_policy)
-    if target is None or not target.get("url"):
+    target = runner_target(entity.dispatch_policy) or webhook_target(entity.dispatch_policy)
+    if target is None or (target["type"] == "webhook" and not target.get("url")):
         return
     subscription_id = dispatch_subscription_id(target, entity.url)
     path = stream_path(entity.main_stream)

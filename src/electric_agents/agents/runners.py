@@ -2,8 +2,7 @@
 heartbeats with client diagnostics, admin status and the health report.
 
 Principals own runners; every operation is allowed to the owner only. The claim route
-(spec/02 §3.5 claim, §4.9) needs DS subscription claims and claim materialisation, which
-belong to wake dispatch, and is not here.
+(spec/02 §3.5 claim, §4.9) belongs to wake dispatch: agents/runner_claims.py.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from electric_agents.agents.principals import Principal, parse_principal
 from electric_agents.agents.runner_store import Runner, RunnerDiagnostics
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError, bad_request
+from electric_agents.streams import subscription_store
 from electric_agents.streams.lifecycle import CreateSpec
 
 RUNNER_KINDS = ("local", "cloud-worker", "sandbox", "ci", "server")
@@ -167,6 +167,7 @@ async def register_runner(
         raise bad_request(f"wake_stream is limited to {MAX_WAKE_STREAM_PATH_BYTES} bytes")
     try:
         async with runtime.engine.transaction() as tx:
+            previous = await runner_store.get_runner(tx.conn, runtime.tenant_id, registration.id)
             runner = await runner_store.upsert_runner(
                 tx.conn,
                 runtime.tenant_id,
@@ -180,6 +181,12 @@ async def register_runner(
             if runner is None:
                 raise not_owner()
             await tx.create(CreateSpec(stream_path, events.JSON_CONTENT_TYPE))
+            if previous is not None and previous.wake_stream != wake_stream:
+                # The runner now reads another stream: its dispatch subscriptions follow
+                # it (the reference kept writing wake events to the old one).
+                await subscription_store.move_wake_stream(
+                    tx.conn, events.stream_path(previous.wake_stream), stream_path
+                )
     except asyncpg.UniqueViolationError as error:
         # The reference let this constraint surface as a 500; it is the caller's input.
         if error.constraint_name != "uq_runners_wake_stream":

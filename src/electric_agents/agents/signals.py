@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from electric_agents.agents.dispatch_links import unlink_dispatch
@@ -36,7 +38,7 @@ from electric_agents.agents.entity_store import (
 from electric_agents.agents.events import JSON_CONTENT_TYPE, iso_from_datetime, stream_path
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.wake_registration_store import delete_entity_wake_registrations
-from electric_agents.agents.write_tokens import revoke_write_token
+from electric_agents.agents.write_tokens import revoke_write_token, wake_owns_write_token
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
 
@@ -349,7 +351,11 @@ async def on_wake_started(runtime: AgentsRuntime, entity_url: str) -> LifecycleC
 
 
 async def on_run_finished(
-    runtime: AgentsRuntime, entity_url: str, *, wake_id: str | None = None
+    runtime: AgentsRuntime,
+    entity_url: str,
+    *,
+    wake_id: str | None = None,
+    release_claim: Callable[[asyncpg.Connection], Awaitable[bool]] | None = None,
 ) -> LifecycleChange:
     """Call when the entity's wake is over: a done callback (T9/T10), the run-finished
     shortcut of an unclaimed handler (spec/03 §4.11, T11/T12), or a delivery that failed
@@ -358,12 +364,24 @@ async def on_run_finished(
     `running` becomes `idle`; `paused` stays `paused` (a SIGSTOP during the wake survives
     it, fix of spec/03 §2.8.1); `stopping` becomes `stopped` with the full terminal cleanup
     of `enter_terminal` (fix of spec/03 §2.7). With `wake_id`, that wake's write token is
-    revoked if it still holds it (a newer claim's token is left alone). One transaction."""
+    revoked if it still holds it (a newer claim's token is left alone). One transaction.
+
+    `release_claim` (runner claims) releases the wake's durable claim under the entity's
+    lock and says whether the entity's dispatch state still pointed at it; when it did not
+    and the wake no longer holds the write token, a newer wake owns the entity and its
+    status is left alone (spec/03 §5.13 done step 3)."""
     tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
         entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
         if entity is None:
             return LifecycleChange(entity_url, None, None)
+        if release_claim is not None:
+            cleared = await release_claim(tx.conn)
+            owns = wake_id is not None and await wake_owns_write_token(
+                tx.conn, tenant, entity_url, wake_id
+            )
+            if not (cleared or owns):
+                return LifecycleChange(entity_url, entity.status, entity.status)
         if wake_id is not None:
             await revoke_write_token(tx.conn, tenant, entity_url, wake_id=wake_id)
         target = RUN_FINISHED_TABLE[entity.status]

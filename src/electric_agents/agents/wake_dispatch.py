@@ -4,7 +4,9 @@ There is no separate Durable Streams server: the subscription service hands ever
 wake to `EntityWebhookForwarder` before it is signed with our key and posted, so the handler
 gets the enriched body of §4.5 directly, and its answer (`{"done":true}` or not) is the one
 the delivery worker acts on. `callback-forward` turns the handler's claim, heartbeat and done
-into subscription-service calls.
+into subscription-service calls: `callback` for webhook consumers, `ack` for the
+pull-wake consumers of runner claims (`ds-subscription:<id>`, agents/runner_claims.py),
+whose durable claim rows follow each heartbeat and done.
 
 Deliberate fix of the reference: a claim mints a write token only for a caller presenting
 that wake's claim token (the reference answered claims without checking any token).
@@ -17,17 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
+import asyncpg
+
 from electric_agents.agents import signals
 from electric_agents.agents.consumer_callback_store import (
     get_consumer_callback,
     upsert_consumer_callback,
 )
+from electric_agents.agents.consumer_claim_store import record_claim_heartbeat, release_claim
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.principals import parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.stream_policy import entity_url_of_stream
 from electric_agents.agents.write_tokens import mint_write_token
 from electric_agents.errors import ApiError
+from electric_agents.streams import subscription_store
 from electric_agents.streams.subscription_service import SubscriptionService, WakeReport
 from electric_agents.streams.subscriptions import Subscription
 from electric_agents.streams.wakes import Ack
@@ -150,7 +156,13 @@ async def forward_callback(
     tenant = runtime.tenant_id
     async with runtime.pool.acquire() as conn:
         consumer = await get_consumer_callback(conn, tenant, consumer_id)
-    subscription_id = subscription_of_callback_url(consumer.callback_url) if consumer else None
+    subscription_id = None
+    pull_wake = False
+    if consumer is not None:
+        subscription_id = consumer.pull_wake_subscription
+        pull_wake = subscription_id is not None
+        if not pull_wake:
+            subscription_id = subscription_of_callback_url(consumer.callback_url)
     if consumer is None or subscription_id is None:
         raise ApiError(404, "CALLBACK_NOT_FOUND", "Unknown callback-forward consumer")
     if not claim_token:
@@ -175,6 +187,10 @@ async def forward_callback(
         acks=request.acks,
         done=request.done is True,
     )
+    if pull_wake:
+        return await _report_pull_wake(
+            runtime, subscriptions, consumer_id, subscription_id, claim_token, entity_url, report
+        )
 
     async def end_run() -> None:
         if entity_url is not None:
@@ -183,4 +199,52 @@ async def forward_callback(
     next_wake = await subscriptions.callback(
         subscription_id, claim_token, report, after_done=end_run
     )
+    return {"ok": True, "next_wake": next_wake}
+
+
+async def _report_pull_wake(
+    runtime: AgentsRuntime,
+    subscriptions: SubscriptionService,
+    consumer_id: str,
+    subscription_id: str,
+    claim_token: str,
+    entity_url: str | None,
+    report: WakeReport,
+) -> dict[str, Any]:
+    """A runner's heartbeat or done (spec/02 §4.7 pull-wake consumers): an ack on the
+    subscription with the claim token, then the durable claim row follows it."""
+    tenant = runtime.tenant_id
+    epoch = report.generation
+    acked = [{"path": "/" + ack.stream.lstrip("/"), "offset": ack.offset} for ack in report.acks]
+
+    async def release(conn: asyncpg.Connection) -> bool:
+        if epoch is None:
+            return False
+        return await release_claim(conn, tenant, consumer_id, epoch, acked)
+
+    async def end_run() -> None:
+        if entity_url is not None:
+            await signals.on_run_finished(
+                runtime, entity_url, wake_id=consumer_id, release_claim=release
+            )
+
+    try:
+        next_wake = await subscriptions.ack(
+            subscription_id, claim_token, report, after_done=end_run
+        )
+    except ApiError as error:
+        # spec/02 §4.7: any error of the subscription's ack is a failed forward.
+        raise ApiError(
+            502, "CALLBACK_FORWARD_FAILED", f"{error.status} {error.code}: {error.message}"
+        ) from None
+    if not report.done and epoch is not None:
+        async with runtime.pool.acquire() as conn:
+            subscription = await subscription_store.get_subscription(conn, subscription_id)
+            await record_claim_heartbeat(
+                conn,
+                tenant,
+                consumer_id,
+                epoch,
+                subscription.lease_ttl_ms if subscription is not None else None,
+            )
     return {"ok": True, "next_wake": next_wake}

@@ -1,13 +1,15 @@
-"""The handler's side of a webhook wake (spec/02 §3.2, §4.7):
+"""The handler's side of a wake (spec/02 §3.2, §3.5, §4.7, §4.9):
 
 * `POST /_electric/callback-forward/:consumerId` -> claim `{"ok","writeToken"}`, heartbeat or
   done `{"ok","next_wake"}`
+* `POST /_electric/runners/:id/claim` -> the wake notification, `{"done":true}`, or 204
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from electric_agents.agents import runner_claims
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.wake_dispatch import CallbackRequest, forward_callback
 from electric_agents.agents.write_tokens import claim_token_from_headers
@@ -34,6 +36,18 @@ CALLBACK_BODY_SCHEMA: dict[str, Any] = {
         "wake_id": {"type": "string"},
         "acks": {"type": "array", "items": _ACK_SCHEMA},
         "done": {"type": "boolean"},
+    },
+}
+
+
+# Extra keys allowed: the body is typically the wake event itself (spec/02 §3.5, §4.9).
+CLAIM_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "subscription_id": {"type": "string"},
+        "stream": {"type": "string"},
+        "generation": {"type": "number"},
+        "ts": {"type": ["string", "number"]},
     },
 }
 
@@ -67,4 +81,21 @@ def routes(runtime: AgentsRuntime, subscriptions: SubscriptionService) -> list[R
         )
         return json_response(200, answer)
 
-    return [Route("POST", "/_electric/callback-forward/:consumerId", callback_forward)]
+    async def claim_runner_wake(request: Request) -> Response:
+        # The body is checked before the runner is looked up (spec/02 §3.5).
+        body = validated_body(request.body, CLAIM_BODY_SCHEMA)
+        notification = await runner_claims.claim_runner_wake(
+            runtime,
+            subscriptions,
+            request.principal,
+            request.param("id"),
+            runner_claims.ClaimRequest.from_document(body),
+        )
+        if notification is None:
+            return Response(204)
+        return json_response(200, notification)
+
+    return [
+        Route("POST", "/_electric/callback-forward/:consumerId", callback_forward),
+        Route("POST", "/_electric/runners/:id/claim", claim_runner_wake),
+    ]

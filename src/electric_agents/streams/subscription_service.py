@@ -174,9 +174,19 @@ class SubscriptionService:
             subscription_id, token, report, pull_wake_only=False, after_done=after_done
         )
 
-    async def ack(self, subscription_id: str, token: str, report: WakeReport) -> bool:
-        """A pull-wake worker's acks, heartbeat or done; returns whether a next wake opened."""
-        return await self._report(subscription_id, token, report, pull_wake_only=True)
+    async def ack(
+        self,
+        subscription_id: str,
+        token: str,
+        report: WakeReport,
+        *,
+        after_done: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """A pull-wake worker's acks, heartbeat or done; returns whether a next wake opened.
+        `after_done` as for `callback`."""
+        return await self._report(
+            subscription_id, token, report, pull_wake_only=True, after_done=after_done
+        )
 
     async def _report(
         self,

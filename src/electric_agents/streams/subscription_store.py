@@ -111,6 +111,24 @@ async def get_subscription(
     return subscription_from_row(row) if row else None
 
 
+async def move_wake_stream(conn: asyncpg.Connection, old_path: str, new_path: str) -> int:
+    """Point every pull-wake subscription writing to `old_path` at `new_path` (a runner
+    that registered again with another wake stream); returns how many moved."""
+    moved = await conn.fetchval(
+        """
+        WITH moved AS (
+            UPDATE ds_subscriptions SET wake_stream = $2
+            WHERE type = 'pull-wake' AND wake_stream = $1
+            RETURNING 1
+        )
+        SELECT count(*) FROM moved
+        """,
+        old_path,
+        new_path,
+    )
+    return int(moved)
+
+
 async def delete_subscription(conn: asyncpg.Connection, subscription_id: str) -> None:
     await conn.execute("DELETE FROM ds_subscriptions WHERE id = $1", subscription_id)
 
