@@ -1,14 +1,18 @@
-"""Smoke run of bench/agents_bench.py with tiny counts, so the benchmark cannot rot: it
-starts its own `electric-agents serve` (fresh data dir, embedded Postgres), runs every
-scenario against a webhook handler in the bench process, and writes its JSON and table."""
+"""bench/agents_bench.py, run as a user runs it: a smoke run with tiny counts so the
+benchmark cannot rot (it starts its own `electric-agents serve` on a fresh data dir with an
+embedded Postgres, runs every scenario against a webhook handler in the bench process, and
+writes its JSON and table), an interrupted run that must leave no process or data behind,
+and arguments it must refuse."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "agents_bench.py"
@@ -27,6 +31,7 @@ def figure(values: dict[str, float | None], section_prefix: str, name: str) -> f
     return matches[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "agents-smoke.json"
@@ -63,3 +68,70 @@ def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path)
     assert figure(values, "5. memory", "after 150 entities: server RSS") > 0
     # The printed table is the one stored in the document.
     assert document["report_markdown"] in completed.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_sigterm_mid_run_stops_the_server_and_its_postgres_and_removes_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH), "--scenarios", "spawn,send", "--duration", "30",
+         "--out", str(tmp_path / "interrupted.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert bench.stdout is not None
+        seen = []
+        for line in bench.stdout:  # bounded by the test timeout
+            seen.append(line)
+            if line.startswith("[ours] spawn ..."):
+                break
+        assert seen and seen[-1].startswith("[ours] spawn ..."), "".join(seen)
+        servers = [
+            p for p in psutil.Process(bench.pid).children(recursive=True)
+            if "serve" in p.cmdline()
+        ]  # fmt: skip
+        assert len(servers) == 1, servers
+        argv = servers[0].cmdline()
+        data_dir = Path(argv[argv.index("--data-dir") + 1])
+        postmaster = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        assert _alive(servers[0].pid) and _alive(postmaster)
+
+        bench.send_signal(signal.SIGTERM)
+        rest = bench.communicate(timeout=60)[0]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 130, rest
+    assert "every started process has been stopped" in rest
+    assert not _alive(servers[0].pid)
+    assert not _alive(postmaster)
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--scenarios", "spawn,nonsense"], "--scenarios: unknown ['nonsense']"),
+        (["--scenarios", ","], "--scenarios: unknown []"),
+        (["--entities", "0"], "--entities must be at least 1"),
+        (["--duration", "soon"], "invalid float value"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(argv: list[str], complaint: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(BENCH), *argv], capture_output=True, text=True, timeout=30
+    )
+    assert completed.returncode == 2
+    assert complaint in completed.stderr
