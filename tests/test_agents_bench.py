@@ -6,10 +6,14 @@ and arguments it must refuse."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -36,8 +40,8 @@ def figure(values: dict[str, float | None], section_prefix: str, name: str) -> f
 def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "agents-smoke.json"
     completed = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--entities", "150", "--iterations", "10",
-         "--out", str(out)],
+        [sys.executable, str(BENCH), "--quick", "--duration", "0.5", "--entities", "150",
+         "--iterations", "10", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=80,
@@ -77,28 +81,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_sigterm_mid_run_stops_the_server_and_its_postgres_and_removes_the_data_dir(
-    tmp_path: Path,
-) -> None:
-    bench = subprocess.Popen(
+@dataclass
+class RunningBench:
+    process: subprocess.Popen[str]
+    server_pid: int
+    postmaster_pid: int
+    data_dir: Path
+
+
+@contextlib.contextmanager
+def bench_in_its_first_scenario(out: Path) -> Iterator[RunningBench]:
+    """The bench started on spawn and send (30 s each), once its spawn scenario is running;
+    killed at the end if the test has not made it exit."""
+    process = subprocess.Popen(
         [sys.executable, str(BENCH), "--scenarios", "spawn,send", "--duration", "30",
-         "--out", str(tmp_path / "interrupted.json")],
+         "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     try:
-        assert bench.stdout is not None
+        assert process.stdout is not None
         seen = []
-        for line in bench.stdout:  # bounded by the test timeout
+        for line in process.stdout:  # bounded by the test timeout
             seen.append(line)
             if line.startswith("[ours] spawn ..."):
                 break
         assert seen and seen[-1].startswith("[ours] spawn ..."), "".join(seen)
         servers = [
-            p for p in psutil.Process(bench.pid).children(recursive=True)
+            p for p in psutil.Process(process.pid).children(recursive=True)
             if "serve" in p.cmdline()
         ]  # fmt: skip
         assert len(servers) == 1, servers
@@ -106,18 +117,52 @@ def test_sigterm_mid_run_stops_the_server_and_its_postgres_and_removes_the_data_
         data_dir = Path(argv[argv.index("--data-dir") + 1])
         postmaster = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
         assert _alive(servers[0].pid) and _alive(postmaster)
-
-        bench.send_signal(signal.SIGTERM)
-        rest = bench.communicate(timeout=60)[0]
+        yield RunningBench(process, servers[0].pid, postmaster, data_dir)
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-    assert bench.returncode == 130, rest
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_sigterm_mid_run_stops_the_server_and_its_postgres_and_removes_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    with bench_in_its_first_scenario(tmp_path / "interrupted.json") as bench:
+        bench.process.send_signal(signal.SIGTERM)
+        rest = bench.process.communicate(timeout=60)[0]
+    assert bench.process.returncode == 130, rest
     assert "every started process has been stopped" in rest
-    assert not _alive(servers[0].pid)
-    assert not _alive(postmaster)
-    assert not data_dir.exists()
+    assert not _alive(bench.server_pid)
+    assert not _alive(bench.postmaster_pid)
+    assert not bench.data_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_server_killed_mid_run_is_reported_its_postgres_stopped_and_its_log_kept(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "server-died.json"
+    with bench_in_its_first_scenario(out) as bench:
+        os.kill(bench.server_pid, signal.SIGKILL)
+        rest = bench.process.communicate(timeout=60)[0]
+    assert bench.process.returncode == 1, rest
+    errors = json.loads(out.read_text())["targets"]["ours"]["errors"]
+    assert set(errors) == {"spawn", "send"}, errors
+    assert "(server exited -9" in errors["spawn"]
+    # Usually "server had exited"; a request may fail just before the dying server is reaped.
+    assert "exited" in errors["send"], errors
+    assert "send FAILED" in rest
+    # Our server died without stopping its Postgres; the bench stops it by pid.
+    assert not _alive(bench.postmaster_pid)
+    assert not bench.data_dir.exists()
+    kept = [line for line in rest.splitlines() if "log kept at" in line]
+    assert len(kept) == 1, rest
+    log = Path(kept[0].rsplit("log kept at ", 1)[1])
+    assert log.exists()
+    log.unlink()
 
 
 @pytest.mark.parametrize(

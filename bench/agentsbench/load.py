@@ -122,7 +122,11 @@ async def drive(
         stop.set()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    # A worker that died of anything but a counted request failure is a bench bug: surface it.
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
     if not latencies:
         first = next(iter(errors), "no request completed")
         raise ProtocolError(f"nothing completed at concurrency {concurrency}: {first}")

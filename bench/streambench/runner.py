@@ -22,6 +22,7 @@ from streambench.report import TargetReport
 from streambench.servers import BENCH_DIR, RunningServer, log_tail
 
 Config = TypeVar("Config")
+EXIT_GRACE_S = 1.0  # after a failed workload, how long to wait for a dying server's exit
 
 
 @dataclass
@@ -52,7 +53,7 @@ async def run_workload(
     except Exception as exc:  # one broken workload must not lose the others' figures
         message = f"{type(exc).__name__}: {exc}"
         print(f"[{run.target}] {name} FAILED: {message}", file=sys.stderr, flush=True)
-        exit_code = supervisor.exit_code(server.pid)
+        exit_code = supervisor.exit_code_within(server.pid, EXIT_GRACE_S)
         if exit_code is not None:
             message += f" (server exited {exit_code}: {log_tail(server)})"
         run.report.errors[name] = message
