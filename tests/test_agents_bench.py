@@ -68,6 +68,11 @@ def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path)
     assert figure(values, "4. send -> claim", "done acknowledged p50") > figure(
         values, "4. send -> claim", "send -> wake arrival p50"
     )
+    # Spawning links at the stream's tail and each wake is delivered once: no stray wakes.
+    raw = document["targets"]["ours"]["raw"]
+    assert raw["webhook"]["unexpected_wakes"] == 0
+    assert raw["cycle"]["unexpected_wakes"] == 0
+    assert raw["cycle"]["failures"] == []
     assert figure(values, "5. memory", "entities spawned (of 150)") == 150
     assert figure(values, "5. memory", "after 150 entities: server RSS") > 0
     # The printed table is the one stored in the document.

@@ -17,6 +17,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
+
 from agentsbench.client import AgentsClient
 from agentsbench.config import AgentsBenchConfig
 from agentsbench.receiver import CYCLE_ROUTE, DONE_ROUTE, Expectation, WebhookReceiver
@@ -141,7 +143,7 @@ async def full_cycle(server: RunningServer, config: AgentsBenchConfig) -> Worklo
                     finished = await _await(receiver, url, expectation.finished)
                     # The handler's own write wakes it once more; let that end first.
                     await _await(receiver, url, expectation.settled)
-                except (TimeoutError, ProtocolError) as exc:
+                except (TimeoutError, ProtocolError, aiohttp.ClientError) as exc:
                     failures.append(f"{url}: {type(exc).__name__}: {exc}")
                     if len(failures) >= MAX_FAILURES:
                         message = f"{len(failures)} cycles failed, first: {failures[0]}"
@@ -178,6 +180,7 @@ async def full_cycle(server: RunningServer, config: AgentsBenchConfig) -> Worklo
         "failures": failures,
         "idle_at_end": idle,
         "unexpected_wakes": receiver.unexpected_wakes,
+        "unexpected_wake_failures": receiver.unexpected_failures,
     }
     return out
 

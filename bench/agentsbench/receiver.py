@@ -45,6 +45,7 @@ class WebhookReceiver:
     def __init__(self, client: AgentsClient) -> None:
         self.client = client
         self.unexpected_wakes = 0  # wakes for an entity nobody was waiting on
+        self.unexpected_failures: list[str] = []  # their cycles' errors (nobody awaits them)
         self._expected: dict[str, Expectation] = {}
         self._cycles: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
@@ -122,7 +123,9 @@ class WebhookReceiver:
             await self.client.done(wake)
             finished = time.perf_counter()
         except Exception as exc:  # reported to whoever waits on this wake
-            if outcome is not None and not outcome.done():
+            if outcome is None:
+                self.unexpected_failures.append(f"{wake.entity_url}: {type(exc).__name__}: {exc}")
+            elif not outcome.done():
                 outcome.set_exception(exc)
             return
         if first and expectation is not None:
