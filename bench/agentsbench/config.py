@@ -25,7 +25,8 @@ class AgentsBenchConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> AgentsBenchConfig:
-        """A smoke run of every scenario, each one shrunk (about half a minute)."""
+        """A smoke run of every scenario, each one shrunk (about half a minute, mostly the two
+        server starts)."""
         settings: dict[str, Any] = {
             "duration_s": 1.0,
             "warmup_s": 0.2,
