@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
-import platform
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +25,7 @@ from typing import Any
 from streambench.model import BenchConfig, WorkloadResult
 from streambench.processes import ProcessSupervisor
 from streambench.report import TargetReport, render
+from streambench.runner import TargetRun, command_output, environment, run_workload, write_results
 from streambench.servers import (
     BENCH_DIR,
     NODE_PACKAGES,
@@ -39,7 +33,6 @@ from streambench.servers import (
     RunningServer,
     ServerStartError,
     ensure_node_packages,
-    log_tail,
     node_executable,
     start_server,
     stop_server,
@@ -112,16 +105,6 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 
 
-@dataclass
-class TargetRun:
-    report: TargetReport
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def target(self) -> str:
-        return self.report.target
-
-
 async def run_phase(
     runs: list[TargetRun],
     workloads: dict[str, Workload],
@@ -162,46 +145,9 @@ async def run_phase(
             print(f"[{run.target}] server stopped (exit code {code}){kept}", flush=True)
 
 
-async def run_workload(
-    run: TargetRun,
-    name: str,
-    workload: Workload,
-    server: RunningServer,
-    config: BenchConfig,
-    supervisor: ProcessSupervisor,
-) -> None:
-    if supervisor.exit_code(server.pid) is not None:
-        run.report.errors[name] = f"server had exited: {log_tail(server)}"
-        return
-    started = time.perf_counter()
-    print(f"[{run.target}] {name} ...", flush=True)
-    try:
-        result = await workload(server, config)
-    except Exception as exc:  # one broken workload must not lose the others' figures
-        message = f"{type(exc).__name__}: {exc}"
-        print(f"[{run.target}] {name} FAILED: {message}", file=sys.stderr, flush=True)
-        exit_code = supervisor.exit_code(server.pid)
-        if exit_code is not None:
-            message += f" (server exited {exit_code}: {log_tail(server)})"
-        run.report.errors[name] = message
-        return
-    run.report.metrics.extend(result.metrics)
-    run.raw[name] = result.raw
-    print(f"[{run.target}] {name} done in {time.perf_counter() - started:.1f}s", flush=True)
-
-
-def environment() -> dict[str, Any]:
-    def command_output(argv: list[str]) -> str | None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-        return None
-
+def node_environment() -> dict[str, Any]:
     return {
-        "python": platform.python_version(),
         "node": command_output([node_executable(), "--version"]),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "git_commit": command_output(["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"]),
         "node_packages": {pkg: version for pkg, version in NODE_PACKAGES.values()},
     }
 
@@ -223,31 +169,19 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         supervisor.stop_all()
     reports = [run.report for run in runs]
-    raw = {run.target: run.raw for run in runs}
-
     table = render(reports)
     print()
     print(table)
     out = args.out or BENCH_DIR / "results" / f"{started_at:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(),
-        "argv": sys.argv[1:],
-        "config": config.as_dict(),
-        "environment": environment(),
-        "targets": {
-            r.target: {
-                "description": TARGETS[r.target],
-                "metrics": [m.as_dict() for m in r.metrics],
-                "errors": r.errors,
-                "raw": raw.get(r.target, {}),
-            }
-            for r in reports
-        },
-        "report_markdown": table,
-    }
-    out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    write_results(
+        out,
+        started_at=started_at,
+        config=config.as_dict(),
+        environment=environment(**node_environment()),
+        runs=runs,
+        descriptions=TARGETS,
+        table=table,
+    )
     print(f"results written to {out}")
     return 1 if any(r.errors for r in reports) else 0
 

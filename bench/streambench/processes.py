@@ -49,6 +49,17 @@ class ProcessSupervisor:
         proc = self._popen.get(pid)
         return None if proc is None else proc.poll()
 
+    def exit_code_within(self, pid: int, timeout_s: float) -> int | None:
+        """The exit code if the process ends within `timeout_s` (blocking): a request can
+        fail a moment before a dying server has been reaped."""
+        proc = self._popen.get(pid)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self, pid: int, grace_s: float = 15.0) -> int | None:
         """SIGTERM, wait up to `grace_s`, then SIGKILL. Returns the exit code."""
         proc = self._popen.pop(pid, None)

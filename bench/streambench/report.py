@@ -35,12 +35,10 @@ def format_value(value: float | None) -> str:
     magnitude = abs(value)
     if magnitude >= 1000:
         return f"{value:,.0f}"
-    if magnitude >= 100:
+    if magnitude >= 100 or magnitude == int(magnitude):  # counts print as integers
         return f"{value:.0f}"
     if magnitude >= 10:
         return f"{value:.1f}"
-    if magnitude == int(magnitude):
-        return f"{value:.0f}"
     return f"{value:.2f}"
 
 

@@ -107,10 +107,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_argv(target: str, port: int, data_dir: Path, long_poll_timeout_ms: int) -> list[str]:
+def server_argv(
+    target: str, port: int, data_dir: Path, long_poll_timeout_ms: int, ours_command: str = "streams"
+) -> list[str]:
     if target == "ours":
         return [
-            ours_executable(), "streams",
+            ours_executable(), ours_command,
             "--host", "127.0.0.1",
             "--port", str(port),
             "--data-dir", str(data_dir),
@@ -128,16 +130,23 @@ def server_argv(target: str, port: int, data_dir: Path, long_poll_timeout_ms: in
 
 
 async def start_server(
-    target: str, supervisor: ProcessSupervisor, long_poll_timeout_ms: int, label: str
+    target: str,
+    supervisor: ProcessSupervisor,
+    long_poll_timeout_ms: int,
+    label: str,
+    *,
+    ours_command: str = "streams",
 ) -> RunningServer:
+    """`ours_command` picks the `electric-agents` subcommand: `streams` (Durable Streams
+    only, under /v1/stream) or `serve` (the agents server, streams at the root)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
-    data_dir = Path(tempfile.mkdtemp(prefix=f"streams-bench-{target}-{label}-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=f"{ours_command}-bench-{target}-{label}-"))
     # The embedded Postgres drops to its own system user when run as root: let it traverse.
     data_dir.chmod(0o755)
     log_path = data_dir.parent / f"{data_dir.name}.log"
     port = free_port()
-    argv = server_argv(target, port, data_dir, long_poll_timeout_ms)
+    argv = server_argv(target, port, data_dir, long_poll_timeout_ms, ours_command)
     pid = supervisor.spawn(argv, log_path, cwd=data_dir)
     base_url = f"http://127.0.0.1:{port}"
     server = RunningServer(target, base_url, pid, None, data_dir, log_path)
