@@ -14,6 +14,7 @@ from electric_agents.http import (
     routes_entity_types,
     routes_runners,
     routes_signals,
+    routes_wakes,
 )
 from electric_agents.http.responses import (
     Receive,
@@ -49,6 +50,7 @@ def control_routes(
         *routes_signals.routes(runtime),
         *routes_entities.routes(runtime),
         *routes_runners.routes(runtime),
+        *routes_wakes.routes(runtime),
         *dispatch,
     ]
 
