@@ -674,3 +674,107 @@ async def test_pending_debounced_wake_survives_kill9_and_is_delivered_once(
         assert len(await wakes_in(http, server, observer)) == 1
     finally:
         await db.close()
+
+
+# --- ugly cases -----------------------------------------------------------------------------
+
+
+async def test_mutual_observers_appending_concurrently_all_succeed_and_all_wake(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A watches B and B watches A: concurrent appends lock the two streams in opposite
+    orders; a deadlock victim is retried, so every append succeeds and wakes once."""
+    a = await spawn_entity(http, server, NOTE_TYPE)
+    b = await spawn_entity(http, server, NOTE_TYPE)
+    for subscriber, source in ((a, b), (b, a)):
+        await register_wake(
+            http,
+            server,
+            subscriberUrl=subscriber,
+            sourceUrl=source,
+            condition={"on": "change", "collections": ["note"]},
+        )
+    tokens = {a: await mint_token(db, a), b: await mint_token(db, b)}
+    rounds = 12
+
+    async def writes(source: str) -> None:
+        for i in range(rounds):
+            await append(http, server, f"{source}/main", [note(f"n{i}")], tokens[source])
+
+    await asyncio.gather(writes(a), writes(b), writes(a), writes(b))
+    for subscriber in (a, b):
+        wakes = await wakes_in(http, server, subscriber)
+        # Two writers per source reuse the keys n0..n11, so the wakes deduplicate to one
+        # per key (the wake producer is per registration and source event key).
+        assert sorted(w["value"]["changes"][0]["key"] for w in wakes) == sorted(
+            f"n{i}" for i in range(rounds)
+        )
+
+
+async def test_concurrent_burst_from_many_writers_is_one_debounced_batch(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    observer = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_entity(http, server, NOTE_TYPE)
+    await register_wake(
+        http,
+        server,
+        subscriberUrl=observer,
+        sourceUrl=source,
+        condition={"on": "change"},
+        debounceMs=500,
+    )
+    token = await mint_token(db, source)
+    await asyncio.gather(
+        *(append(http, server, f"{source}/main", [note(f"k{i}")], token) for i in range(20))
+    )
+    (wake,) = await wait_for_wakes(http, server, observer, 1)
+    assert sorted(c["key"] for c in wake["value"]["changes"]) == sorted(f"k{i}" for i in range(20))
+
+
+async def test_wake_to_a_closed_subscriber_stream_does_not_fail_the_source_append(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    subscriber = await spawn_entity(http, server, NOTE_TYPE)
+    killed = await http.post(
+        f"{server.origin}/_electric/entities{subscriber}/signal", json={"signal": "SIGKILL"}
+    )
+    assert killed.status_code == 200, killed.text
+    source = await spawn_entity(http, server, NOTE_TYPE)
+    # Registering has no ownership or status check (spec/03 §4.1 #2).
+    await register_wake(
+        http, server, subscriberUrl=subscriber, sourceUrl=source, condition={"on": "change"}
+    )
+    token = await mint_token(db, source)
+    await append(http, server, f"{source}/main", [note("n")], token)
+    assert (await read_events(http, server, f"{source}/main"))[-1]["key"] == "n"
+    assert await wakes_in(http, server, subscriber) == []
+
+
+async def test_timeouts_fire_once_with_two_server_processes(
+    server_factory: ServerFactory, http: httpx.AsyncClient
+) -> None:
+    first = server_factory("serve")
+    second = server_factory("serve")
+    await register_type(http, first, NOTE_TYPE)
+    observer = await spawn_entity(http, first, NOTE_TYPE)
+    sources = [await spawn_entity(http, second, NOTE_TYPE) for _ in range(6)]
+    for i, source in enumerate(sources):
+        origin = first if i % 2 else second
+        response = await register_wake(
+            http,
+            origin,
+            subscriberUrl=observer,
+            sourceUrl=source,
+            condition={"on": "change"},
+            timeoutMs=200,
+            debounceMs=100,
+        )
+        assert response.status_code == 204
+    await wait_for_wakes(http, first, observer, len(sources))
+    # Both workers poll the same rows: SKIP LOCKED, the consumed flag and the wake's
+    # idempotent producer leave one wake per registration.
+    wakes = await wakes_in(http, second, observer)
+    assert len(wakes) == len(sources)
+    assert sorted(w["value"]["source"] for w in wakes) == sorted(sources)
+    assert all(w["value"]["timeout"] is True for w in wakes)

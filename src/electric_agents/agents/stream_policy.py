@@ -23,6 +23,7 @@ import orjson
 from electric_agents.agents.consumer_callback_store import has_consumer_callback
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.entity_type_store import get_entity_type
+from electric_agents.agents.events import stream_path
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schemas import validation_errors
 from electric_agents.agents.signals import on_run_finished
@@ -109,15 +110,17 @@ class EntityStreamPolicy:
             return None
         tenant = self.runtime.tenant_id
         registrations = await registrations_for_source(conn, tenant, source_url)
-        if not any_match([r.condition for r in registrations], events):
+        matching = [r for r in registrations if any_match([r.condition], events)]
+        if not matching:
             return None
+        subscriber_streams = tuple(stream_path(f"{r.subscriber_url}/main") for r in matching)
 
         async def evaluate(tx: StreamTransaction, result: AppendResult) -> None:
             # A producer duplicate (204 with producer headers) appended nothing new.
             if result.status == 200 or "Producer-Epoch" not in result.headers:
                 await evaluate_wakes(tx, tenant, source_url, events)
 
-        return evaluate
+        return InTransaction(evaluate, also_appends_to=subscriber_streams)
 
     async def appended(self, path: str, headers: dict[str, str], body: bytes) -> None:
         """After an entity append is stored (spec/03 §3.7 step 6). The response has already

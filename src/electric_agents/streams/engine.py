@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -72,8 +73,14 @@ class StreamTransaction:
             callback()
 
 
-# Work that commits in an append's transaction, given the append's result.
-InTransaction = Callable[[StreamTransaction, AppendResult], Awaitable[None]]
+@dataclass(frozen=True)
+class InTransaction:
+    """Work that commits in an append's transaction, given the append's result, and the
+    other streams it will append to (locked up front with the appended one, in id order
+    like every batch, so such transactions do not deadlock one another)."""
+
+    run: Callable[[StreamTransaction, AppendResult], Awaitable[None]]
+    also_appends_to: tuple[str, ...] = ()
 
 
 class StreamEngine:
@@ -164,11 +171,12 @@ class StreamEngine:
     ) -> AppendResult:
         """Append in a transaction of its own (not group commit) and run `then` in it, so
         what the append causes (wake evaluation) commits with it or not at all. Retried
-        when Postgres picks the transaction as a deadlock victim: `then` may write other
-        streams, whose row locks can meet another such transaction's in reverse order."""
+        when Postgres picks the transaction as a deadlock victim (a stream `then` did not
+        announce, or a lock taken outside the stream rows)."""
         for attempt in range(DEADLOCK_RETRIES + 1):
             try:
                 async with self.transaction() as tx:
+                    await store.lock_metas(tx.conn, sorted({path, *then.also_appends_to}))
                     result = await tx.append(
                         path,
                         content_type=content_type,
@@ -177,7 +185,7 @@ class StreamEngine:
                         producer=producer,
                         stream_seq=stream_seq,
                     )
-                    await then(tx, result)
+                    await then.run(tx, result)
                 return result
             except asyncpg.DeadlockDetectedError:
                 if attempt == DEADLOCK_RETRIES:
