@@ -778,3 +778,142 @@ async def test_timeouts_fire_once_with_two_server_processes(
     assert len(wakes) == len(sources)
     assert sorted(w["value"]["source"] for w in wakes) == sorted(sources)
     assert all(w["value"]["timeout"] is True for w in wakes)
+
+
+# --- manifest entries -----------------------------------------------------------------------
+
+
+def manifest(key: str, operation: str, value: dict[str, Any] | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "manifest", "key": key, "headers": {"operation": operation}}
+    if value is not None:
+        event["value"] = value
+    return event
+
+
+async def test_manifest_entries_register_replace_and_remove_their_wake(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    owner = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_entity(http, server, NOTE_TYPE)
+    owner_token = await mint_token(db, owner)
+    source_token = await mint_token(db, source)
+    key = f"observe:{source}"
+    entry = {"kind": "observe", "entity_url": source, "wake": {"on": "change", "ops": ["insert"]}}
+    await append(http, server, f"{owner}/main", [manifest(key, "insert", entry)], owner_token)
+    (row,) = await registrations(db, owner)
+    assert (row["source_url"], row["manifest_key"]) == (source, key)
+    assert orjson.loads(row["condition"]) == {"on": "change", "ops": ["insert"]}
+
+    changed = {**entry, "wake": {"on": "change", "ops": ["update"], "debounceMs": "x"}}
+    await append(http, server, f"{owner}/main", [manifest(key, "update", changed)], owner_token)
+    (row,) = await registrations(db, owner)
+    assert orjson.loads(row["condition"]) == {"on": "change", "ops": ["update"]}
+    assert row["debounce_ms"] == 0
+    await append(http, server, f"{source}/main", [note("n")], source_token)
+    assert await wakes_in(http, server, owner) == []
+    await append(http, server, f"{source}/main", [note("n", operation="update")], source_token)
+    assert len(await wakes_in(http, server, owner)) == 1
+
+    await append(http, server, f"{owner}/main", [manifest(key, "delete")], owner_token)
+    assert await registrations(db, owner) == []
+    # An entry without a wake registers nothing.
+    plain = {"kind": "observe", "entity_url": source}
+    await append(http, server, f"{owner}/main", [manifest(key, "insert", plain)], owner_token)
+    assert await registrations(db, owner) == []
+
+
+async def test_spawn_wake_and_child_manifest_entry_share_one_registration(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """The 0.4.8 fix (spec/03 §4.13): the runtime's spawn-time wake and its `child:` entry
+    carry the same manifest key, so one run wakes the parent once."""
+    parent = await spawn_entity(http, server, NOTE_TYPE)
+    child_id = unique_id("c")
+    key = f"child:{NOTE_TYPE}:{child_id}"
+    spawned = await http.put(
+        f"{server.origin}/_electric/entities/{NOTE_TYPE}/{child_id}",
+        json={
+            "parent": parent,
+            "wake": {"subscriberUrl": parent, "condition": "runFinished", "manifestKey": key},
+        },
+    )
+    assert spawned.status_code == 201, spawned.text
+    child = spawned.json()["url"]
+    entry = {
+        "kind": "child",
+        "id": child_id,
+        "entity_type": NOTE_TYPE,
+        "entity_url": child,
+        "wake": {"on": "runFinished", "includeResponse": False},
+        "observed": True,
+    }
+    parent_token = await mint_token(db, parent)
+    await append(http, server, f"{parent}/main", [manifest(key, "insert", entry)], parent_token)
+    (row,) = await registrations(db, parent)
+    assert (row["source_url"], row["manifest_key"], row["include_response"]) == (child, key, False)
+    child_token = await mint_token(db, child)
+    run = {"type": "run", "key": "r1", "value": {"status": "completed"}}
+    await append(
+        http, server, f"{child}/main", [{**run, "headers": {"operation": "update"}}], child_token
+    )
+    (wake,) = await wakes_in(http, server, parent)
+    assert wake["value"]["finished_child"] == {
+        "url": child,
+        "type": NOTE_TYPE,
+        "run_status": "completed",
+    }
+
+
+async def test_shared_state_manifest_entry_watches_the_shared_state_stream(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    owner = await spawn_entity(http, server, NOTE_TYPE)
+    shared_id = unique_id("db")
+    path = f"/_electric/shared-state/{shared_id}"
+    assert (await http.put(f"{server.origin}{path}", headers=JSON)).status_code == 201
+    entry = {
+        "kind": "shared-state",
+        "id": shared_id,
+        "mode": "create",
+        "collections": {"items": {"type": "items", "primaryKey": "id"}},
+        "wake": {"on": "change", "collections": ["items"]},
+    }
+    token = await mint_token(db, owner)
+    await append(
+        http,
+        server,
+        f"{owner}/main",
+        [manifest(f"shared-state:{shared_id}", "insert", entry)],
+        token,
+    )
+    await append(http, server, path, [note("i1", event_type="items")])
+    (wake,) = await wakes_in(http, server, owner)
+    assert wake["value"]["source"] == path
+
+
+async def test_refused_source_append_wakes_no_one(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    observer = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_entity(http, server, NOTE_TYPE)
+    await register_wake(
+        http,
+        server,
+        subscriberUrl=observer,
+        sourceUrl=source,
+        condition={"on": "change"},
+        debounceMs=50,
+    )
+    token = await mint_token(db, source)
+    producer = {"Producer-Id": "p", "Producer-Epoch": "3", "Producer-Seq": "0"}
+    await append(http, server, f"{source}/main", [note("first")], token, producer)
+    stale = {**producer, "Producer-Epoch": "1"}
+    fenced = await http.post(
+        f"{server.origin}{source}/main",
+        content=orjson.dumps([note("fenced")]),
+        headers={**JSON, **stale, "authorization": f"Bearer {token}"},
+    )
+    assert fenced.status_code == 403, fenced.text
+    (wake,) = await wait_for_wakes(http, server, observer, 1)
+    assert [c["key"] for c in wake["value"]["changes"]] == ["first"]
+    assert await db.fetchval("SELECT count(*) FROM wake_debounce_buffers") == 0

@@ -24,6 +24,7 @@ from electric_agents.agents.consumer_callback_store import has_consumer_callback
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.events import stream_path
+from electric_agents.agents.manifest_wakes import has_manifest_events, sync_manifest_wakes
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schemas import validation_errors
 from electric_agents.agents.signals import on_run_finished
@@ -70,7 +71,9 @@ class EntityStreamPolicy:
                 entity = await get_entity(conn, self.runtime.tenant_id, entity_url)
                 if entity is not None:
                     events = await self._check_entity_append(conn, entity, headers, body)
-                    return await self._wake_evaluation(conn, entity_url, events)
+                    return await self._wake_evaluation(
+                        conn, entity_url, events, manifests=path.endswith("/main")
+                    )
         if path.startswith(_WAKE_SOURCE_PREFIXES):
             # Shared state (spec/03 §5.6) and webhook event streams are watched by path.
             async with self.runtime.pool.acquire() as conn:
@@ -101,17 +104,24 @@ class EntityStreamPolicy:
         return events
 
     async def _wake_evaluation(
-        self, conn: asyncpg.Connection, source_url: str, events: list[Any] | None
+        self,
+        conn: asyncpg.Connection,
+        source_url: str,
+        events: list[Any] | None,
+        *,
+        manifests: bool = False,
     ) -> InTransaction | None:
-        """Wake evaluation for the append's transaction, or None (group commit) when no
-        registration of the source can match these events. Most appends (text deltas
-        under a runFinished watch) take the fast path this way."""
+        """Wake evaluation (and, for an entity's main stream, the wake registrations of
+        its `manifest` events) for the append's transaction, or None (group commit) when
+        there is nothing to do. Most appends (text deltas under a runFinished watch) take
+        the fast path this way."""
         if not events:
             return None
         tenant = self.runtime.tenant_id
         registrations = await registrations_for_source(conn, tenant, source_url)
         matching = [r for r in registrations if any_match([r.condition], events)]
-        if not matching:
+        has_manifests = manifests and has_manifest_events(events)
+        if not matching and not has_manifests:
             return None
         subscriber_streams = tuple(stream_path(f"{r.subscriber_url}/main") for r in matching)
 
@@ -119,6 +129,8 @@ class EntityStreamPolicy:
             # A producer duplicate (204 with producer headers) appended nothing new.
             if result.status == 200 or "Producer-Epoch" not in result.headers:
                 await evaluate_wakes(tx, tenant, source_url, events)
+                if has_manifests:
+                    await sync_manifest_wakes(tx.conn, tenant, source_url, events)
 
         return InTransaction(evaluate, also_appends_to=subscriber_streams)
 
@@ -150,8 +162,9 @@ class EntityStreamPolicy:
             log.warning("after-append hooks for %s failed: %s", path, error)
 
     async def sync_manifests(self, entity: Entity, events: list[Any]) -> None:
-        """Call point for manifest side effects (spec/03 §3.6.3): wake registrations keyed by
-        manifest key, cron streams, entity sources, future sends. Not implemented yet."""
+        """Call point for the other manifest side effects (spec/03 §3.6.3): cron streams,
+        entity sources, future sends. Not implemented yet. (Wake registrations keyed by
+        manifest key are synced in the append's transaction, agents/manifest_wakes.py.)"""
         del entity, events
 
 
