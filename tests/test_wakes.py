@@ -643,7 +643,7 @@ async def test_wake_to_a_missing_subscriber_is_dropped_without_failing_the_appen
 # --- crash safety ---------------------------------------------------------------------------
 
 
-async def test_pending_debounced_wake_survives_kill9_and_is_delivered_once(
+async def test_pending_debounce_and_timeout_survive_kill9_and_fire_once(
     server_factory: ServerFactory, http: httpx.AsyncClient
 ) -> None:
     server = server_factory("serve")
@@ -653,27 +653,46 @@ async def test_pending_debounced_wake_survives_kill9_and_is_delivered_once(
     try:
         observer = await spawn_entity(http, server, NOTE_TYPE)
         source = await spawn_entity(http, server, NOTE_TYPE)
-        await register_wake(
-            http,
-            server,
-            subscriberUrl=observer,
-            sourceUrl=source,
-            condition={"on": "change"},
-            debounceMs=1500,
-        )
+        quiet = await spawn_entity(http, server, NOTE_TYPE)
+        for source_url, deadline in ((source, "debounceMs"), (quiet, "timeoutMs")):
+            response = await register_wake(
+                http,
+                server,
+                subscriberUrl=observer,
+                sourceUrl=source_url,
+                condition={"on": "change"},
+                **{deadline: 3000},
+            )
+            assert response.status_code == 204
         token = await mint_token(db, source)
         await append(http, server, f"{source}/main", [note("a"), note("b")], token)
         # The buffer is durable the moment the append is acknowledged.
         assert await db.fetchval("SELECT count(*) FROM wake_debounce_buffers") == 1
         server.kill9()
+        assert await wakes_in_db(db, observer) == 0
         server.start()
-        (wake,) = await wait_for_wakes(http, server, observer, 1)
-        assert [c["key"] for c in wake["value"]["changes"]] == ["a", "b"]
+        wakes = await wait_for_wakes(http, server, observer, 2)
+        by_source = {w["value"]["source"]: w["value"] for w in wakes}
+        assert [c["key"] for c in by_source[source]["changes"]] == ["a", "b"]
+        assert by_source[quiet]["timeout"] is True
         assert await db.fetchval("SELECT count(*) FROM wake_debounce_buffers") == 0
         server.restart()
-        assert len(await wakes_in(http, server, observer)) == 1
+        assert len(await wakes_in(http, server, observer)) == 2
     finally:
         await db.close()
+
+
+async def wakes_in_db(db: asyncpg.Connection, url: str) -> int:
+    """Wake events stored in an entity's main stream, read from the database while the
+    server is down."""
+    count = await db.fetchval(
+        """
+        SELECT count(*) FROM ds_messages m JOIN ds_streams s ON s.id = m.stream_id
+        WHERE s.path = $1 AND position('"type":"wake"' in convert_from(m.data, 'UTF8')) > 0
+        """,
+        url.lstrip("/") + "/main",
+    )
+    return int(count)
 
 
 # --- ugly cases -----------------------------------------------------------------------------
