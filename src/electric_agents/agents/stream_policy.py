@@ -71,9 +71,7 @@ class EntityStreamPolicy:
                 entity = await get_entity(conn, self.runtime.tenant_id, entity_url)
                 if entity is not None:
                     events = await self._check_entity_append(conn, entity, headers, body)
-                    return await self._wake_evaluation(
-                        conn, entity_url, events, manifests=path.endswith("/main")
-                    )
+                    return await self._wake_evaluation(conn, entity_url, events, manifests=True)
         if path.startswith(_WAKE_SOURCE_PREFIXES):
             # Shared state (spec/03 §5.6) and webhook event streams are watched by path.
             async with self.runtime.pool.acquire() as conn:
@@ -111,8 +109,8 @@ class EntityStreamPolicy:
         *,
         manifests: bool = False,
     ) -> InTransaction | None:
-        """Wake evaluation (and, for an entity's main stream, the wake registrations of
-        its `manifest` events) for the append's transaction, or None (group commit) when
+        """Wake evaluation (and, for an entity's streams, the wake registrations of its
+        `manifest` events) for the append's transaction, or None (group commit) when
         there is nothing to do. Most appends (text deltas under a runFinished watch) take
         the fast path this way."""
         if not events:
