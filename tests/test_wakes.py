@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -936,3 +937,62 @@ async def test_refused_source_append_wakes_no_one(
     (wake,) = await wait_for_wakes(http, server, observer, 1)
     assert [c["key"] for c in wake["value"]["changes"]] == ["first"]
     assert await db.fetchval("SELECT count(*) FROM wake_debounce_buffers") == 0
+
+
+async def test_event_with_a_very_long_key_still_wakes_and_appends(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """The wake's producer id embeds the source event key; a key longer than an index row
+    must neither fail the source append nor lose the wake."""
+    observer = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_entity(http, server, NOTE_TYPE)
+    await register_wake(
+        http, server, subscriberUrl=observer, sourceUrl=source, condition={"on": "change"}
+    )
+    token = await mint_token(db, source)
+    long_key = secrets.token_urlsafe(6000)  # incompressible
+    for _ in range(2):  # the retry of the same event is still deduplicated
+        await append(http, server, f"{source}/main", [note(long_key)], token)
+    (wake,) = await wakes_in(http, server, observer)
+    assert wake["value"]["changes"] == [{"collection": "note", "kind": "insert", "key": long_key}]
+    assert wake["key"].endswith(f"-insert:{long_key}")
+
+
+async def test_self_observation_does_not_cascade(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    entity = await spawn_entity(http, server, NOTE_TYPE)
+    await register_wake(
+        http, server, subscriberUrl=entity, sourceUrl=entity, condition={"on": "change"}
+    )
+    token = await mint_token(db, entity)
+    await append(http, server, f"{entity}/main", [note("a"), note("b")], token)
+    wakes = await wakes_in(http, server, entity)
+    assert [w["value"]["changes"][0]["key"] for w in wakes] == ["a", "b"]
+
+
+async def test_registrations_too_large_to_index_are_4xx_or_skipped_never_500(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    huge = "/" + secrets.token_urlsafe(4000)  # incompressible, beyond an index row
+    owner = await spawn_entity(http, server, NOTE_TYPE)
+    response = await register_wake(
+        http, server, subscriberUrl=owner, sourceUrl=huge, condition="runFinished"
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "INVALID_REQUEST"
+    # A spawn asking for such a wake is refused as a whole.
+    child_id = unique_id("c")
+    spawned = await http.put(
+        f"{server.origin}/_electric/entities/{NOTE_TYPE}/{child_id}",
+        json={"wake": {"subscriberUrl": huge, "condition": "runFinished"}},
+    )
+    assert spawned.status_code == 400, spawned.text
+    gone = await http.get(f"{server.origin}/_electric/entities/{NOTE_TYPE}/{child_id}")
+    assert gone.status_code == 404
+    # A manifest entry naming such a source keeps the append and registers nothing.
+    token = await mint_token(db, owner)
+    entry = {"kind": "observe", "entity_url": huge, "wake": "runFinished"}
+    await append(http, server, f"{owner}/main", [manifest("observe:huge", "insert", entry)], token)
+    assert await registrations(db, owner) == []
+    assert (await read_events(http, server, f"{owner}/main"))[-1]["key"] == "observe:huge"

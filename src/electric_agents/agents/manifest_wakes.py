@@ -8,6 +8,7 @@ streams, `entities` sources and future sends are other side effects of the same 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,9 @@ from electric_agents.agents.wake_registration_store import (
     delete_by_manifest_key,
     upsert_registration,
 )
+from electric_agents.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 _OPS = ("insert", "update", "delete")
 _MAX_INT32 = 2**31 - 1
@@ -47,8 +51,12 @@ async def sync_manifest_wakes(
             spec = manifest_wake_spec(owner_url, key, value)
         if spec is None:
             await delete_by_manifest_key(conn, tenant, owner_url, key)
-        else:
+            continue
+        try:
             await upsert_registration(conn, tenant, spec)
+        except ApiError as error:
+            # The handler's append stands; only this entry's wake is refused.
+            log.warning("manifest %s of %s: no wake: %s", key[:200], owner_url, error.message)
 
 
 def manifest_wake_spec(owner_url: str, key: str, entry: dict[str, Any]) -> WakeSpec | None:

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from electric_agents.db.jsonb import from_jsonb, to_jsonb
+from electric_agents.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,19 @@ async def upsert_registration(conn: asyncpg.Connection, tenant: str, spec: WakeS
             spec.one_shot,
             spec.include_response,
         )
-    inserted = await conn.fetchval(
+    try:
+        async with conn.transaction():  # a savepoint: the caller's transaction survives
+            inserted = await _insert_registration(conn, tenant, spec, condition)
+    except asyncpg.ProgramLimitExceededError:
+        # Urls, key and condition together exceed an index row (about 2.7 kB).
+        raise ApiError(400, "INVALID_REQUEST", "Wake registration is too large") from None
+    return inserted is not None
+
+
+async def _insert_registration(
+    conn: asyncpg.Connection, tenant: str, spec: WakeSpec, condition: str | None
+) -> int | None:
+    inserted: int | None = await conn.fetchval(
         """
         INSERT INTO wake_registrations (
             tenant_id, subscriber_url, source_url, condition, debounce_ms, timeout_ms,
@@ -121,7 +134,7 @@ async def upsert_registration(conn: asyncpg.Connection, tenant: str, spec: WakeS
         spec.include_response,
         spec.manifest_key,
     )
-    return inserted is not None
+    return inserted
 
 
 async def has_registrations(conn: asyncpg.Connection, tenant: str, source_url: str) -> bool:

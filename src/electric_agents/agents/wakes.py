@@ -15,6 +15,7 @@ The wake append uses the reference's idempotent producer `wake-reg-<regId>-<sour
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +43,7 @@ from electric_agents.errors import ApiError
 from electric_agents.streams import store
 from electric_agents.streams.engine import StreamTransaction
 from electric_agents.streams.json_mode import split_stored_values
-from electric_agents.streams.producers import ProducerHeaders
+from electric_agents.streams.producers import MAX_PRODUCER_ID_LENGTH, ProducerHeaders
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +177,34 @@ async def deliver_wake(
                 stream_path(subscriber.main_stream),
                 content_type=JSON_CONTENT_TYPE,
                 body=orjson.dumps(event),
-                producer=ProducerHeaders(f"wake-reg-{registration.id}-{event_key}", 0, 0),
+                producer=ProducerHeaders(wake_producer_id(registration.id, event_key), 0, 0),
             )
     except ApiError as error:
         log.warning(
             "wake %s for %s not appended: %s %s",
-            key,
+            key[:200],
             subscriber.url,
             error.status,
             error.message,
         )
         return False
+    except asyncpg.DeadlockDetectedError:
+        raise  # the whole transaction is retried
+    except asyncpg.PostgresError as error:
+        # Dropping this wake keeps the source append (and the other wakes) alive.
+        log.error("wake %s for %s failed: %s", key[:200], subscriber.url, error)
+        return False
     return True
+
+
+def wake_producer_id(registration_id: int, event_key: str) -> str:
+    """`wake-reg-<regId>-<sourceEventKey>` (spec/03 §4.9). An event key too long for a
+    producer id (keys are client data) is replaced by its digest, which dedupes alike."""
+    producer_id = f"wake-reg-{registration_id}-{event_key}"
+    if len(producer_id) <= MAX_PRODUCER_ID_LENGTH:
+        return producer_id
+    digest = hashlib.sha256(event_key.encode()).hexdigest()
+    return f"wake-reg-{registration_id}-sha256:{digest}"
 
 
 async def _child_response(
