@@ -363,7 +363,7 @@ async def test_change_observer_with_debounce_gets_one_wake_for_a_burst(
         subscriberUrl=observer,
         sourceUrl=source,
         condition={"on": "change", "collections": ["note"], "ops": ["insert", "update"]},
-        debounceMs=400,
+        debounceMs=1000,
     )
     assert response.status_code == 204, response.text
     token = await mint_token(db, source)
@@ -742,7 +742,7 @@ async def test_concurrent_burst_from_many_writers_is_one_debounced_batch(
         subscriberUrl=observer,
         sourceUrl=source,
         condition={"on": "change"},
-        debounceMs=500,
+        debounceMs=1000,
     )
     token = await mint_token(db, source)
     await asyncio.gather(
@@ -771,7 +771,7 @@ async def test_wake_to_a_closed_subscriber_stream_does_not_fail_the_source_appen
     assert await wakes_in(http, server, subscriber) == []
 
 
-async def test_timeouts_fire_once_with_two_server_processes(
+async def test_timeouts_and_debounce_fire_once_with_two_server_processes(
     server_factory: ServerFactory, http: httpx.AsyncClient
 ) -> None:
     first = server_factory("serve")
@@ -798,6 +798,31 @@ async def test_timeouts_fire_once_with_two_server_processes(
     assert len(wakes) == len(sources)
     assert sorted(w["value"]["source"] for w in wakes) == sorted(sources)
     assert all(w["value"]["timeout"] is True for w in wakes)
+
+    # A burst appended through both processes is one debounced batch.
+    burst_observer = await spawn_entity(http, second, NOTE_TYPE)
+    await register_wake(
+        http,
+        second,
+        subscriberUrl=burst_observer,
+        sourceUrl=sources[0],
+        condition={"on": "change"},
+        debounceMs=1000,
+    )
+    assert first.database_url is not None
+    db = await asyncpg.connect(first.database_url)
+    try:
+        token = await mint_token(db, sources[0])
+    finally:
+        await db.close()
+    await asyncio.gather(
+        *(
+            append(http, (first, second)[i % 2], f"{sources[0]}/main", [note(f"b{i}")], token)
+            for i in range(10)
+        )
+    )
+    (batch,) = await wait_for_wakes(http, first, burst_observer, 1)
+    assert sorted(c["key"] for c in batch["value"]["changes"]) == sorted(f"b{i}" for i in range(10))
 
 
 # --- manifest entries -----------------------------------------------------------------------
