@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import asyncpg
-import orjson
 
 from electric_agents.agents import events
 from electric_agents.agents.dispatch_links import link_dispatch
@@ -32,6 +31,7 @@ from electric_agents.agents.principal_entities import ensure_principal_entity
 from electric_agents.agents.principals import Principal, parse_principal_key
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schemas import validation_errors
+from electric_agents.agents.wake_registration_store import WakeSpec, upsert_registration
 from electric_agents.errors import ApiError
 
 
@@ -276,23 +276,15 @@ async def check_runner_targets(
 async def _register_wake(
     conn: asyncpg.Connection, tenant: str, source_url: str, wake: WakeRegistration
 ) -> None:
-    """The spawn-time wake registration (spec/03 §4.1 #1), in the spawn's transaction. An
-    identical registration, or one already holding the manifest key, is kept as it is."""
-    await conn.execute(
-        """
-        INSERT INTO wake_registrations (
-            tenant_id, subscriber_url, source_url, condition, debounce_ms, timeout_ms,
-            one_shot, include_response, manifest_key
-        )
-        VALUES ($1, $2, $3, $4::jsonb, $5, $6, false, $7, $8)
-        ON CONFLICT DO NOTHING
-        """,
-        tenant,
-        wake.subscriber_url,
-        source_url,
-        orjson.dumps(wake.condition).decode(),
-        wake.debounce_ms,
-        wake.timeout_ms,
-        wake.include_response,
-        wake.manifest_key,
+    """The spawn-time wake registration (spec/03 §4.1 #1), in the spawn's transaction, with
+    the same one-per-manifest-key rule as every other registration (spec/03 §4.13)."""
+    spec = WakeSpec(
+        subscriber_url=wake.subscriber_url,
+        source_url=source_url,
+        condition=wake.condition,
+        debounce_ms=wake.debounce_ms,
+        timeout_ms=wake.timeout_ms,
+        include_response=wake.include_response,
+        manifest_key=wake.manifest_key,
     )
+    await upsert_registration(conn, tenant, spec)

@@ -38,6 +38,7 @@ from electric_agents.agents.entity_store import (
 from electric_agents.agents.events import JSON_CONTENT_TYPE, iso_from_datetime, stream_path
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.wake_registration_store import delete_entity_wake_registrations
+from electric_agents.agents.wakes import evaluate_wakes
 from electric_agents.agents.write_tokens import revoke_write_token, wake_owns_write_token
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
@@ -214,6 +215,9 @@ async def send_signal(
                 content_type=JSON_CONTENT_TYPE,
                 body=body,
             )
+            # A non-terminal signal is a change on the entity as a wake source (spec/03
+            # §2.4.2 step 6), evaluated in the signal's transaction.
+            await evaluate_wakes(tx, tenant, entity_url, [event])
     log.info(
         "signal %s on %s: %s -> %s (%s)",
         signal,
@@ -222,8 +226,6 @@ async def send_signal(
         handling.new_status,
         "handled" if handling.handled else "unhandled",
     )
-    if not handling.terminal:
-        await evaluate_signal_wakes(runtime, entity_url, event)
     return SignalResult(
         url=entity_url,
         signal=signal,
@@ -269,14 +271,6 @@ def signal_event(
         "value": value,
         "headers": {"operation": "insert", "timestamp": timestamp, "txid": str(txid)},
     }
-
-
-async def evaluate_signal_wakes(
-    runtime: AgentsRuntime, entity_url: str, event: dict[str, Any]
-) -> None:
-    """Call point for the wake system (next issue): a non-terminal signal is a change on the
-    entity as a wake source (spec/03 §2.4.2 step 6). Nothing evaluates wakes yet."""
-    del runtime, entity_url, event
 
 
 # --- terminal entry -----------------------------------------------------------------------

@@ -5,6 +5,10 @@ A POST to `<entity>/main` or `<entity>/error` of an existing entity needs the en
 claim write token, is refused once the entity is `stopped`, and each JSON event is checked
 against the entity's effective state schemas. Any other path, including a `/main` whose
 prefix is no entity, is a plain stream append with no checks.
+
+Appends to wake sources (entity streams, shared state, webhook event streams) whose events
+match a registration are committed in a transaction of their own together with the wakes
+they cause (agents/wakes.py); all others keep group commit.
 """
 
 from __future__ import annotations
@@ -19,15 +23,24 @@ import orjson
 from electric_agents.agents.consumer_callback_store import has_consumer_callback
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.entity_type_store import get_entity_type
+from electric_agents.agents.events import stream_path
+from electric_agents.agents.manifest_wakes import has_manifest_events, sync_manifest_wakes
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schemas import validation_errors
 from electric_agents.agents.signals import on_run_finished
+from electric_agents.agents.wake_conditions import any_match
+from electric_agents.agents.wake_registration_store import registrations_for_source
+from electric_agents.agents.wakes import evaluate_wakes
 from electric_agents.agents.write_tokens import check_write_token, claim_token_from_headers
 from electric_agents.errors import ApiError
+from electric_agents.streams.engine import InTransaction, StreamTransaction
+from electric_agents.streams.writer import AppendResult
 
 log = logging.getLogger(__name__)
 
 _ENTITY_STREAM_SUFFIXES = ("/main", "/error")
+# Non-entity streams whose appends are wake sources under their own path.
+_WAKE_SOURCE_PREFIXES = ("_electric/shared-state/", "_webhooks/")
 _FINISHED_RUN_STATUSES = frozenset({"completed", "failed"})
 
 
@@ -47,35 +60,77 @@ class EntityStreamPolicy:
     def __init__(self, runtime: AgentsRuntime) -> None:
         self.runtime = runtime
 
-    async def check(self, path: str, headers: dict[str, str], body: bytes) -> None:
+    async def check(self, path: str, headers: dict[str, str], body: bytes) -> InTransaction | None:
         """Refuse an entity append before it is stored, in the order of spec/02 §3.6:
         401 without the live write token, 409 once stopped, 422 for an event its state
-        schemas refuse."""
+        schemas refuse. Returns the wake evaluation to run in the append's transaction
+        when some event may wake someone (spec/03 §4.3)."""
         entity_url = entity_url_of_stream(path)
-        if entity_url is None:
-            return
+        if entity_url is not None:
+            async with self.runtime.pool.acquire() as conn:
+                entity = await get_entity(conn, self.runtime.tenant_id, entity_url)
+                if entity is not None:
+                    events = await self._check_entity_append(conn, entity, headers, body)
+                    return await self._wake_evaluation(conn, entity_url, events, manifests=True)
+        if path.startswith(_WAKE_SOURCE_PREFIXES):
+            # Shared state (spec/03 §5.6) and webhook event streams are watched by path.
+            async with self.runtime.pool.acquire() as conn:
+                return await self._wake_evaluation(conn, "/" + path, parse_events(body))
+        return None
+
+    async def _check_entity_append(
+        self, conn: asyncpg.Connection, entity: Entity, headers: dict[str, str], body: bytes
+    ) -> list[Any] | None:
+        """The entity append checks; returns the body's events (None if not JSON)."""
         tenant = self.runtime.tenant_id
-        async with self.runtime.pool.acquire() as conn:
-            entity = await get_entity(conn, tenant, entity_url)
-            if entity is None:
-                return
-            token = claim_token_from_headers(headers)
-            if not await check_write_token(conn, tenant, entity_url, token):
-                raise ApiError(401, "UNAUTHORIZED", "Invalid write token")
-            # Call point for the fork write lock (409 FORK_IN_PROGRESS) once forks exist.
-            # Only `stopped` is checked: a killed entity's streams are closed, so the append
-            # itself is refused with 409 STREAM_CLOSED. A `stopping` entity's handler may
-            # still write until its wake ends (spec/03 §2.5).
-            if entity.status == "stopped":
-                raise ApiError(409, "NOT_RUNNING", "Entity is stopped")
-            events = parse_events(body)
-            if events is None:
-                return
-            schemas = await effective_state_schemas(conn, tenant, entity)
-        if schemas is None:
-            return
-        for event in events:
-            check_write_event(schemas, event)
+        token = claim_token_from_headers(headers)
+        if not await check_write_token(conn, tenant, entity.url, token):
+            raise ApiError(401, "UNAUTHORIZED", "Invalid write token")
+        # Call point for the fork write lock (409 FORK_IN_PROGRESS) once forks exist.
+        # Only `stopped` is checked: a killed entity's streams are closed, so the append
+        # itself is refused with 409 STREAM_CLOSED. A `stopping` entity's handler may
+        # still write until its wake ends (spec/03 §2.5).
+        if entity.status == "stopped":
+            raise ApiError(409, "NOT_RUNNING", "Entity is stopped")
+        events = parse_events(body)
+        if events is None:
+            return None
+        schemas = await effective_state_schemas(conn, tenant, entity)
+        if schemas is not None:
+            for event in events:
+                check_write_event(schemas, event)
+        return events
+
+    async def _wake_evaluation(
+        self,
+        conn: asyncpg.Connection,
+        source_url: str,
+        events: list[Any] | None,
+        *,
+        manifests: bool = False,
+    ) -> InTransaction | None:
+        """Wake evaluation (and, for an entity's streams, the wake registrations of its
+        `manifest` events) for the append's transaction, or None (group commit) when
+        there is nothing to do. Most appends (text deltas under a runFinished watch) take
+        the fast path this way."""
+        if not events:
+            return None
+        tenant = self.runtime.tenant_id
+        registrations = await registrations_for_source(conn, tenant, source_url)
+        matching = [r for r in registrations if any_match([r.condition], events)]
+        has_manifests = manifests and has_manifest_events(events)
+        if not matching and not has_manifests:
+            return None
+        subscriber_streams = tuple(stream_path(f"{r.subscriber_url}/main") for r in matching)
+
+        async def evaluate(tx: StreamTransaction, result: AppendResult) -> None:
+            # A producer duplicate (204 with producer headers) appended nothing new.
+            if result.status == 200 or "Producer-Epoch" not in result.headers:
+                await evaluate_wakes(tx, tenant, source_url, events)
+                if has_manifests:
+                    await sync_manifest_wakes(tx.conn, tenant, source_url, events)
+
+        return InTransaction(evaluate, also_appends_to=subscriber_streams)
 
     async def appended(self, path: str, headers: dict[str, str], body: bytes) -> None:
         """After an entity append is stored (spec/03 §3.7 step 6). The response has already
@@ -95,7 +150,7 @@ class EntityStreamPolicy:
                 shortcut = first_finished_run(events) is not None and not (
                     await has_consumer_callback(conn, self.runtime.tenant_id, entity.main_stream)
                 )
-            await self.evaluate_wakes(entity, events)
+            # Wakes were evaluated in the append's transaction (see check).
             await self.sync_manifests(entity, events)
             if shortcut:
                 # spec/03 §4.11: a handler that never used the claim protocol finished its
@@ -104,14 +159,10 @@ class EntityStreamPolicy:
         except (ApiError, asyncpg.PostgresError, OSError) as error:
             log.warning("after-append hooks for %s failed: %s", path, error)
 
-    async def evaluate_wakes(self, entity: Entity, events: list[Any]) -> None:
-        """Call point for the wake system (next issue): each event is a change on the entity
-        URL as a wake source (spec/03 §3.7 step 6). Nothing evaluates wakes yet."""
-        del entity, events
-
     async def sync_manifests(self, entity: Entity, events: list[Any]) -> None:
-        """Call point for manifest side effects (spec/03 §3.6.3): wake registrations keyed by
-        manifest key, cron streams, entity sources, future sends. Not implemented yet."""
+        """Call point for the other manifest side effects (spec/03 §3.6.3): cron streams,
+        entity sources, future sends. Not implemented yet. (Wake registrations keyed by
+        manifest key are synced in the append's transaction, agents/manifest_wakes.py.)"""
         del entity, events
 
 

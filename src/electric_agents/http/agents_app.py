@@ -16,6 +16,7 @@ from electric_agents.http import (
     routes_fork,
     routes_runners,
     routes_signals,
+    routes_wakes,
 )
 from electric_agents.http.responses import (
     Receive,
@@ -53,6 +54,7 @@ def control_routes(
         *routes_entities.routes(runtime),
         *routes_fork.routes(runtime),
         *routes_runners.routes(runtime),
+        *routes_wakes.routes(runtime),
         *dispatch,
     ]
 

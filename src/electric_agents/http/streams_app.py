@@ -28,7 +28,7 @@ from electric_agents.http.responses import (
     send_error,
     send_response,
 )
-from electric_agents.streams.engine import StreamEngine
+from electric_agents.streams.engine import InTransaction, StreamEngine
 from electric_agents.streams.lifecycle import CreateSpec, parse_expires_at, validate_content_type
 from electric_agents.streams.model import Message, StreamMeta, is_text_like
 from electric_agents.streams.offsets import (
@@ -47,8 +47,10 @@ class AppendPolicy(Protocol):
     """Rules a mounting application adds to plain appends (the agents server checks entity
     stream writes: write tokens, state schemas, lifecycle; spec/02 §3.6)."""
 
-    async def check(self, path: str, headers: dict[str, str], body: bytes) -> None:
-        """Raise an ApiError to refuse the append before it is stored."""
+    async def check(self, path: str, headers: dict[str, str], body: bytes) -> InTransaction | None:
+        """Raise an ApiError to refuse the append before it is stored. Return work that
+        must commit in the append's own transaction (wake evaluation), or None to append
+        through group commit."""
 
     async def appended(self, path: str, headers: dict[str, str], body: bytes) -> None:
         """Called after a successful append (wake evaluation, run-finished handling)."""
@@ -227,16 +229,28 @@ class StreamsApp:
             raise ApiError(400, "EMPTY_BODY", "An append needs a body")
         if body and not content_type:
             raise ApiError(400, "MISSING_CONTENT_TYPE", "An append needs a Content-Type")
+        in_transaction = None
         if self.append_policy is not None:
-            await self.append_policy.check(path, headers, body)
-        result = await self.engine.append(
-            path,
-            content_type=content_type,
-            body=body,
-            close=close,
-            producer=producer,
-            stream_seq=headers.get("stream-seq"),
-        )
+            in_transaction = await self.append_policy.check(path, headers, body)
+        if in_transaction is None:
+            result = await self.engine.append(
+                path,
+                content_type=content_type,
+                body=body,
+                close=close,
+                producer=producer,
+                stream_seq=headers.get("stream-seq"),
+            )
+        else:
+            result = await self.engine.append_then(
+                path,
+                content_type=content_type,
+                body=body,
+                close=close,
+                producer=producer,
+                stream_seq=headers.get("stream-seq"),
+                then=in_transaction,
+            )
         await send_response(send, result.status, result.headers)
         if self.append_policy is not None:
             await self.append_policy.appended(path, headers, body)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -23,6 +24,7 @@ from electric_agents.streams.writer import AppendRequest, AppendResult, AppendWr
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 60.0
+DEADLOCK_RETRIES = 3
 
 
 class StreamTransaction:
@@ -52,9 +54,15 @@ class StreamTransaction:
         body: bytes,
         close: bool = False,
         producer: ProducerHeaders | None = None,
+        stream_seq: str | None = None,
     ) -> AppendResult:
         request = self.engine.append_request(
-            path, content_type=content_type, body=body, close=close, producer=producer
+            path,
+            content_type=content_type,
+            body=body,
+            close=close,
+            producer=producer,
+            stream_seq=stream_seq,
         )
         result, publish = await self.engine.writer.append_in_transaction(self.conn, request)
         self._after_commit.append(publish)
@@ -63,6 +71,16 @@ class StreamTransaction:
     def committed(self) -> None:
         for callback in self._after_commit:
             callback()
+
+
+@dataclass(frozen=True)
+class InTransaction:
+    """Work that commits in an append's transaction, given the append's result, and the
+    other streams it will append to (locked up front with the appended one, in id order
+    like every batch, so such transactions do not deadlock one another)."""
+
+    run: Callable[[StreamTransaction, AppendResult], Awaitable[None]]
+    also_appends_to: tuple[str, ...] = ()
 
 
 class StreamEngine:
@@ -139,6 +157,41 @@ class StreamEngine:
             stream_seq=stream_seq,
         )
         return await self.writer.submit(request)
+
+    async def append_then(
+        self,
+        path: str,
+        *,
+        content_type: str | None,
+        body: bytes,
+        close: bool = False,
+        producer: ProducerHeaders | None = None,
+        stream_seq: str | None = None,
+        then: InTransaction,
+    ) -> AppendResult:
+        """Append in a transaction of its own (not group commit) and run `then` in it, so
+        what the append causes (wake evaluation) commits with it or not at all. Retried
+        when Postgres picks the transaction as a deadlock victim (a stream `then` did not
+        announce, or a lock taken outside the stream rows)."""
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                async with self.transaction() as tx:
+                    await store.lock_metas(tx.conn, sorted({path, *then.also_appends_to}))
+                    result = await tx.append(
+                        path,
+                        content_type=content_type,
+                        body=body,
+                        close=close,
+                        producer=producer,
+                        stream_seq=stream_seq,
+                    )
+                    await then.run(tx, result)
+                return result
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                log.info("append to %s lost a deadlock; retrying", path)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def append_request(
