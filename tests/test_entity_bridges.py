@@ -309,3 +309,38 @@ async def test_changes_queued_while_the_server_is_down_are_written_after_restart
     server.restart()
     events = await wait_for_members(http, server, source["streamUrl"], {url: "paused"})
     assert [event["headers"]["operation"] for event in events] == ["insert", "update"]
+
+
+async def test_membership_changes_wake_observers(
+    http: httpx.AsyncClient, server: ServerProcess
+) -> None:
+    """An `entities({tags})` observer with a wake is woken by each membership change, in the
+    drainer's transaction."""
+    kind = await register_kind(http, server)
+    observer = await spawn(http, server, kind, {})
+    team = uuid.uuid4().hex
+    source = await register(http, server, {"team": team})
+    registered = await http.post(
+        server.origin + "/_electric/wake",
+        json={
+            "subscriberUrl": observer,
+            "sourceUrl": source["streamUrl"],
+            "condition": {"on": "change", "collections": ["members"], "ops": ["insert"]},
+        },
+    )
+    assert registered.status_code == 204, registered.text
+    member = await spawn(http, server, kind, {"team": team})
+
+    async def woken() -> bool:
+        stream = await members_events(http, server, f"{observer}/main")
+        return any(event.get("type") == "wake" for event in stream)
+
+    await eventually(woken, f"a wake on {observer}")
+    wakes = [
+        e for e in await members_events(http, server, f"{observer}/main") if e["type"] == "wake"
+    ]
+    assert len(wakes) == 1
+    assert wakes[0]["value"]["source"] == source["streamUrl"]
+    assert wakes[0]["value"]["changes"] == [
+        {"collection": "members", "kind": "insert", "key": member}
+    ]

@@ -26,6 +26,7 @@ import orjson
 from electric_agents.agents import events
 from electric_agents.agents.entity_store import tags_index
 from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.wakes import evaluate_wakes
 from electric_agents.db.jsonb import from_jsonb
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
@@ -226,6 +227,10 @@ async def _write(
                 if attempt:
                     await tx.create(CreateSpec(path=path, content_type=events.JSON_CONTENT_TYPE))
                 await tx.append(path, content_type=events.JSON_CONTENT_TYPE, body=body)
+                # Observers of `entities({tags})` with a wake are woken in this transaction.
+                await evaluate_wakes(
+                    tx, tenant, STREAM_PREFIX + bridge.source_ref, [e for _, _, e in changes]
+                )
                 for url, wanted, _ in changes:
                     await _record_member(tx.conn, tenant, bridge.source_ref, url, wanted)
             return True
