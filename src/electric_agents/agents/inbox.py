@@ -109,24 +109,36 @@ async def send(
     if request.after_ms is not None and request.after_ms > MAX_AFTER_MS:
         raise ApiError(400, "INVALID_REQUEST", "afterMs is too large")
     await ensure_principal_entity(runtime, sender)
-    tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
-        entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
-        if entity is None:
-            raise entity_not_found()
-        entity_type = await get_entity_type(tx.conn, tenant, entity.type)
-        await _backfill_dispatch_policy(tx, tenant, entity, entity_type)
-        if entity.status not in REJECTS_WRITES:
-            # Before the append, in its transaction: the send commits with the link that
-            # wakes its handler (spec/02 §3.4 side effect C).
-            await link_dispatch(
-                tx.conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
-            )
-        if request.after_ms is not None and request.after_ms > 0:
-            check_send(entity, entity_type, request, sender)
-            await _schedule_delayed_send(tx, tenant, entity, request, sender, request.after_ms)
-            return
-        await deliver(tx, tenant, entity, entity_type, request, sender)
+        await send_in(tx, runtime, sender, entity_url, request)
+
+
+async def send_in(
+    tx: StreamTransaction,
+    runtime: AgentsRuntime,
+    sender: Principal,
+    entity_url: str,
+    request: SendRequest,
+) -> None:
+    """A send inside the caller's transaction: `send`, and the scheduler delivering a
+    delayed send in the transaction that completes its task."""
+    tenant = runtime.tenant_id
+    entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
+    if entity is None:
+        raise entity_not_found()
+    entity_type = await get_entity_type(tx.conn, tenant, entity.type)
+    await _backfill_dispatch_policy(tx, tenant, entity, entity_type)
+    if entity.status not in REJECTS_WRITES:
+        # Before the append, in its transaction: the send commits with the link that
+        # wakes its handler (spec/02 §3.4 side effect C).
+        await link_dispatch(
+            tx.conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
+        )
+    if request.after_ms is not None and request.after_ms > 0:
+        check_send(entity, entity_type, request, sender)
+        await _schedule_delayed_send(tx, tenant, entity, request, sender, request.after_ms)
+        return
+    await deliver(tx, tenant, entity, entity_type, request, sender)
 
 
 async def deliver(

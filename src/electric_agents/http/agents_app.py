@@ -13,6 +13,7 @@ from electric_agents.http import (
     routes_entities,
     routes_entity_types,
     routes_runners,
+    routes_schedules,
     routes_signals,
 )
 from electric_agents.http.responses import (
@@ -49,6 +50,7 @@ def control_routes(
         *routes_signals.routes(runtime),
         *routes_entities.routes(runtime),
         *routes_runners.routes(runtime),
+        *routes_schedules.routes(runtime),
         *dispatch,
     ]
 

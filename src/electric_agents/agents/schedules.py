@@ -1,0 +1,233 @@
+"""Per-entity schedules and cron sources (spec/02 §3.2 `cron/register`, §3.4 `schedules`;
+spec/03 §5.7, §5.8).
+
+Each operation is one transaction under the owner's row lock: the wake registration, the
+cron chain or the pending send, and the manifest event on the owner's main stream commit
+together, so a schedule is never half written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from electric_agents.agents import cron, inbox
+from electric_agents.agents import scheduled_task_store as store
+from electric_agents.agents.entity_store import Entity, get_entity, now_ms
+from electric_agents.agents.entity_streams import append_to_main
+from electric_agents.agents.entity_type_store import get_entity_type
+from electric_agents.agents.events import iso_from_datetime
+from electric_agents.agents.principal_entities import (
+    ensure_principal_entity,
+    reject_principal_mutation,
+)
+from electric_agents.agents.principals import Principal
+from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.schedule_events import manifest_delete, manifest_upsert
+from electric_agents.agents.scheduler import ensure_cron_chain
+from electric_agents.errors import ApiError
+from electric_agents.streams.engine import StreamTransaction
+
+
+@dataclass(frozen=True)
+class CronSchedule:
+    expression: str
+    timezone: str | None
+    payload: Any
+    debounce_ms: int | None = None
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class FutureSendSchedule:
+    payload: Any
+    fire_at: str
+    target_url: str | None = None
+    message_type: str | None = None
+    claimed_from: str | None = None
+
+
+def manifest_key(schedule_id: str) -> str:
+    return f"schedule:{schedule_id}"
+
+
+async def register_cron_source(
+    runtime: AgentsRuntime, expression: str, timezone: str | None
+) -> str:
+    """POST /_electric/cron/register: the shared tick stream of (expression, timezone)."""
+    zone, _ = cron.validate_schedule(expression, timezone)
+    async with runtime.engine.transaction() as tx:
+        return await ensure_cron_chain(tx, runtime.tenant_id, expression, zone)
+
+
+async def upsert_cron_schedule(
+    runtime: AgentsRuntime, owner_url: str, schedule_id: str, schedule: CronSchedule
+) -> str:
+    """PUT …/schedules/:id with `scheduleType: cron`; returns the manifest txid."""
+    zone, _ = cron.validate_schedule(schedule.expression, schedule.timezone)
+    key = manifest_key(schedule_id)
+    txid = str(uuid.uuid4())
+    tenant = runtime.tenant_id
+    async with runtime.engine.transaction() as tx:
+        owner = await _locked_owner(tx, tenant, owner_url, "scheduled")
+        stream_url = await ensure_cron_chain(tx, tenant, schedule.expression, zone)
+        # The key may have named a future send before: that one is replaced too.
+        await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
+        await _replace_wake_registration(tx.conn, tenant, owner.url, stream_url, key, schedule)
+        wake: dict[str, Any] = {"on": "change"}
+        if schedule.debounce_ms is not None:
+            wake["debounceMs"] = schedule.debounce_ms
+        if schedule.timeout_ms is not None:
+            wake["timeoutMs"] = schedule.timeout_ms
+        value = {
+            "key": key,
+            "kind": "schedule",
+            "id": schedule_id,
+            "scheduleType": "cron",
+            "expression": schedule.expression,
+            "timezone": zone,
+            "payload": schedule.payload,
+            "wake": wake,
+        }
+        await append_to_main(tx, owner, manifest_upsert(key, value, txid, now_ms()))
+    return txid
+
+
+async def upsert_future_send(
+    runtime: AgentsRuntime,
+    sender: Principal,
+    owner_url: str,
+    schedule_id: str,
+    schedule: FutureSendSchedule,
+) -> str:
+    """PUT …/schedules/:id with `scheduleType: future_send`: the send is checked now, and
+    replaces any pending send of the same schedule; returns the manifest txid."""
+    if schedule.claimed_from is not None and schedule.claimed_from != sender.url:
+        raise ApiError(400, "INVALID_REQUEST", "Request from must match Electric-Principal")
+    fire_at = parse_fire_at(schedule.fire_at)
+    await ensure_principal_entity(runtime, sender)
+    key = manifest_key(schedule_id)
+    txid = str(uuid.uuid4())
+    tenant = runtime.tenant_id
+    async with runtime.engine.transaction() as tx:
+        owner = await _locked_owner(tx, tenant, owner_url, "scheduled")
+        target_url = schedule.target_url or owner.url
+        target = owner if target_url == owner.url else await get_entity(tx.conn, tenant, target_url)
+        if target is None:
+            raise inbox.entity_not_found()
+        request = inbox.SendRequest(
+            payload=schedule.payload, has_payload=True, message_type=schedule.message_type
+        )
+        target_type = await get_entity_type(tx.conn, tenant, target.type)
+        inbox.check_send(target, target_type, request, sender)
+        producer_id = f"future-send-{uuid.uuid4()}"
+        entry: dict[str, Any] = {
+            "key": key,
+            "kind": "schedule",
+            "id": schedule_id,
+            "scheduleType": "future_send",
+            "fireAt": iso_from_datetime(fire_at),
+            "targetUrl": target.url,
+            "senderUrl": sender.url,
+            "payload": schedule.payload,
+            "producerId": producer_id,
+        }
+        if schedule.message_type is not None:
+            entry["messageType"] = schedule.message_type
+        entry["status"] = "pending"
+        task_payload: dict[str, Any] = {
+            "entityUrl": target.url,
+            "from": sender.url,
+            "payload": schedule.payload,
+            "key": f"scheduled-{producer_id}",
+        }
+        if schedule.message_type is not None:
+            task_payload["type"] = schedule.message_type
+        task_payload["producerId"] = producer_id
+        task_payload["manifest"] = {"ownerEntityUrl": owner.url, "key": key, "entry": entry}
+        await _delete_wake_registration(tx.conn, tenant, owner.url, key)
+        await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
+        await store.insert_delayed_send(
+            tx.conn, tenant, task_payload, fire_at, owner_entity_url=owner.url, manifest_key=key
+        )
+        await append_to_main(tx, owner, manifest_upsert(key, entry, txid, now_ms()))
+    return txid
+
+
+async def delete_schedule(runtime: AgentsRuntime, owner_url: str, schedule_id: str) -> str:
+    """DELETE …/schedules/:id: idempotent; cancels the pending send, drops the wake
+    registration and writes the manifest delete. Returns its txid."""
+    key = manifest_key(schedule_id)
+    txid = str(uuid.uuid4())
+    tenant = runtime.tenant_id
+    async with runtime.engine.transaction() as tx:
+        owner = await _locked_owner(tx, tenant, owner_url, "unscheduled")
+        await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
+        await _delete_wake_registration(tx.conn, tenant, owner.url, key)
+        await append_to_main(tx, owner, manifest_delete(key, txid, now_ms()))
+    return txid
+
+
+def parse_fire_at(text: str) -> datetime:
+    """An ISO 8601 time as JavaScript's `Date` reads it (no offset: UTC here)."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ApiError(400, "INVALID_REQUEST", f"Invalid fireAt timestamp: {text}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+async def _locked_owner(tx: StreamTransaction, tenant: str, owner_url: str, action: str) -> Entity:
+    owner = await get_entity(tx.conn, tenant, owner_url, for_update=True)
+    if owner is None:
+        raise inbox.entity_not_found()
+    reject_principal_mutation(owner, action)
+    return owner
+
+
+async def _delete_wake_registration(
+    conn: asyncpg.Connection, tenant: str, subscriber_url: str, key: str
+) -> None:
+    # unregisterByManifestKey (spec/03 §4.12).
+    await conn.execute(
+        "DELETE FROM wake_registrations"
+        " WHERE tenant_id = $1 AND subscriber_url = $2 AND manifest_key = $3",
+        tenant,
+        subscriber_url,
+        key,
+    )
+
+
+async def _replace_wake_registration(
+    conn: asyncpg.Connection,
+    tenant: str,
+    subscriber_url: str,
+    source_url: str,
+    key: str,
+    schedule: CronSchedule,
+) -> None:
+    """One registration per (entity, manifest key): the cron stream, on any change."""
+    await _delete_wake_registration(conn, tenant, subscriber_url, key)
+    await conn.execute(
+        """
+        INSERT INTO wake_registrations (
+            tenant_id, subscriber_url, source_url, condition, debounce_ms, timeout_ms,
+            one_shot, include_response, manifest_key
+        )
+        VALUES ($1, $2, $3, $4::jsonb, $5, $6, false, true, $7)
+        """,
+        tenant,
+        subscriber_url,
+        source_url,
+        orjson.dumps({"on": "change"}).decode(),
+        max(0, schedule.debounce_ms or 0),
+        max(0, schedule.timeout_ms or 0),
+        key,
+    )
