@@ -21,6 +21,7 @@ from agents_support import (
     TENANT,
     attach_log,
     eventually,
+    mint_token,
     module_serve_server,
     read_events,
     set_status,
@@ -522,3 +523,117 @@ async def test_a_task_due_while_the_server_is_killed_fires_once_after_restart(
     )
     found = await wait_for_keys(api, url, {"marker"})
     assert found == ["late", "marker"]
+
+
+# --- manifest entries written by handlers ------------------------------------------------------
+
+
+async def append_as_handler(api: Api, db: Any, url: str, *events: Any) -> None:
+    token = await mint_token(db, url)
+    response = await api.http.post(
+        api.url(f"{url}/main"),
+        content=orjson.dumps(list(events)),
+        headers={"Content-Type": "application/json", "electric-claim-token": token},
+    )
+    assert response.status_code in (200, 204), response.text
+
+
+def manifest_entry(key: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "manifest", "key": key, "headers": {"operation": "upsert"}, "value": value}
+
+
+async def test_a_pending_future_send_in_a_handler_manifest_is_scheduled_and_settled(
+    api: Api, db: Any
+) -> None:
+    owner = await api.entity()
+    target = await api.entity()
+    entry = {
+        "key": "schedule:nudge",
+        "kind": "schedule",
+        "id": "nudge",
+        "scheduleType": "future_send",
+        "fireAt": iso_in(0.2),
+        "targetUrl": target,
+        "payload": {"hello": "later"},
+        "producerId": "future-send-handler-1",
+        "status": "pending",
+    }
+    await append_as_handler(api, db, owner, manifest_entry("schedule:nudge", entry))
+    await wait_for_keys(api, target, {"scheduled-future-send-handler-1"})
+    [message] = await api.inbox(target)
+    assert message["value"]["from"] == owner  # no senderUrl: the owner, as in the reference
+    assert message["value"]["payload"] == {"hello": "later"}
+
+    async def settled() -> bool:
+        return any(m["value"].get("status") == "sent" for m in await api.manifests(owner))
+
+    await eventually(settled, "the sent status update")
+
+
+async def test_a_deleted_or_settled_manifest_entry_cancels_its_pending_send(
+    api: Api, db: Any
+) -> None:
+    owner = await api.entity()
+    entry = {
+        "key": "schedule:x",
+        "kind": "schedule",
+        "id": "x",
+        "scheduleType": "future_send",
+        "fireAt": iso_in(0.6),
+        "payload": "never",
+        "producerId": "future-send-handler-2",
+    }
+    await append_as_handler(api, db, owner, manifest_entry("schedule:x", entry))
+
+    async def scheduled() -> bool:
+        pending = await db.fetchval(
+            "SELECT count(*) FROM scheduled_tasks WHERE owner_entity_url = $1"
+            " AND completed_at IS NULL",
+            owner,
+        )
+        return pending == 1
+
+    await eventually(scheduled, "the manifest send to be scheduled")
+    delete = {"type": "manifest", "key": "schedule:x", "headers": {"operation": "delete"}}
+    await append_as_handler(api, db, owner, delete)
+
+    async def cancelled() -> bool:
+        pending = await db.fetchval(
+            "SELECT count(*) FROM scheduled_tasks WHERE owner_entity_url = $1"
+            " AND completed_at IS NULL",
+            owner,
+        )
+        return pending == 0
+
+    await eventually(cancelled, "the manifest send to be cancelled")
+    assert (await api.send(owner, {"payload": "m", "key": "marker", "afterMs": 900})).is_success
+    await wait_for_keys(api, owner, {"marker"})
+    assert await inbox_keys(api, owner) == ["marker"]
+
+
+async def test_a_cron_source_in_a_handler_manifest_ensures_its_chain(
+    api: Api, db: Any, http: httpx.AsyncClient
+) -> None:
+    owner = await api.entity()
+    expression = "0 12 * * *"
+    source = {
+        "key": "source:cron:x",
+        "kind": "source",
+        "sourceType": "cron",
+        "sourceRef": "x",
+        "config": {"expression": expression, "timezone": "Asia/Kolkata"},
+    }
+    await append_as_handler(api, db, owner, manifest_entry("source:cron:x", source))
+    stream = cron_stream_url(expression, "Asia/Calcutta")
+
+    async def ensured() -> bool:
+        return (await http.head(api.url(stream))).status_code == 200
+
+    await eventually(ensured, "the cron stream")
+    pending = await db.fetchval(
+        "SELECT count(*) FROM scheduled_tasks WHERE cron_expression = $1 AND cron_timezone = $2"
+        " AND completed_at IS NULL",
+        expression,
+        "Asia/Calcutta",
+    )
+    assert pending == 1

@@ -9,7 +9,7 @@ checked the same way and stored as a `scheduled_tasks` row for the scheduler to 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -52,6 +52,17 @@ class SendRequest:
     claimed_from: str | None = None  # the request's `from`, which must name the caller
 
 
+class Sender(Protocol):
+    """Who a message is from: a principal, or (for a future send a handler put in its
+    manifest) the URL the entry names."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def is_system(self) -> bool: ...
+
+
 def not_running() -> ApiError:
     return ApiError(409, "NOT_RUNNING", "Entity is not accepting writes")
 
@@ -72,7 +83,7 @@ def effective_inbox_schemas(
 
 
 def check_send(
-    entity: Entity, entity_type: EntityType | None, request: SendRequest, sender: Principal
+    entity: Entity, entity_type: EntityType | None, request: SendRequest, sender: Sender
 ) -> None:
     """validateSendRequest (spec/03 §5.3), in the reference's order."""
     if entity.status in REJECTS_WRITES:
@@ -116,7 +127,7 @@ async def send(
 async def send_in(
     tx: StreamTransaction,
     runtime: AgentsRuntime,
-    sender: Principal,
+    sender: Sender,
     entity_url: str,
     request: SendRequest,
 ) -> None:
@@ -147,7 +158,7 @@ async def deliver(
     entity: Entity,
     entity_type: EntityType | None,
     request: SendRequest,
-    sender: Principal,
+    sender: Sender,
 ) -> None:
     """Check and append one message inside the caller's transaction; the entity row must be
     locked (or created) by it. Used by `send` and by spawn's `initialMessage`."""
@@ -192,7 +203,7 @@ async def _schedule_delayed_send(
     tenant: str,
     entity: Entity,
     request: SendRequest,
-    sender: Principal,
+    sender: Sender,
     after_ms: float,
 ) -> None:
     """A `delayed_send` task (spec/03 §5.8) for the scheduler; its payload names what

@@ -113,14 +113,14 @@ async def ensure_cron_tick(
     registered_at_ms: int,
 ) -> None:
     """Make sure the (expression, timezone) chain has a pending tick, and note that someone
-    asked for it now (a chain nobody watches ends once this is old, see scheduler.py).
+    asked for it now (a chain nobody watches ends once this is old, see scheduler.py). The
+    caller holds `lock_cron_chain`.
 
     Tick 0 is inserted once ever (uq_cron_tick); a chain that ended (no watchers, or a
     permanent failure) restarts with the next tick number, which the reference could not
     do because tick 0 always conflicted. A tick being fired right now is skipped, not waited
     for (the scheduler takes the chain lock after the tick's row lock): the tick inserted
     here is the one the firing tick would have inserted, which then conflicts away."""
-    await lock_cron_chain(conn, tenant, expression, timezone)
     stream_url = cron.cron_stream_url(expression, timezone)
     payload = _json({"streamPath": stream_url, "registeredAtMs": registered_at_ms})
     refreshed = await conn.fetchval(

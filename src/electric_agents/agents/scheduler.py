@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +47,15 @@ ERROR_PAUSE_S = 1.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 UNWATCHED_GRACE_MS = 5 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class _UrlSender:
+    """The sender of a future send a handler wrote into its manifest: whatever URL the
+    entry names (the owner by default), never a system principal."""
+
+    url: str
+    is_system: bool = False
 
 
 class Scheduler:
@@ -123,9 +133,12 @@ class Scheduler:
             if task is None:
                 raise
             failure: Exception = error
-        except (asyncpg.PostgresError, ValueError, KeyError, TypeError) as error:
-            if task is None:
+        except Exception as error:
+            # Whatever went wrong with this task (a bug included) is recorded on it and
+            # retried later, instead of stopping every other task behind it.
+            if task is None or isinstance(error, OSError | asyncpg.InterfaceError):
                 raise
+            log.exception("scheduled task %d (%s) raised", task.id, task.kind)
             failure = error
         # The execution rolled back as a whole (so no half-done append survives); record
         # the outcome in a transaction of its own.
@@ -142,9 +155,10 @@ class Scheduler:
 
     async def _fire_delayed_send(self, tx: StreamTransaction, task: store.ScheduledTask) -> None:
         payload = task.payload
-        sender = parse_principal(str(payload.get("from", "")))
-        if sender is None:
-            raise ApiError(400, "INVALID_REQUEST", "Scheduled send has no valid sender")
+        sender_url = payload.get("from")
+        if not isinstance(sender_url, str) or not sender_url:
+            raise ApiError(400, "INVALID_REQUEST", "Scheduled send has no sender")
+        sender: inbox.Sender = parse_principal(sender_url) or _UrlSender(sender_url)
         request = inbox.SendRequest(
             payload=payload.get("payload"),
             has_payload="payload" in payload,
@@ -268,6 +282,8 @@ async def ensure_cron_chain(
     first = cron.next_fire_at(parsed, zone, datetime.now(UTC))
     if first is None:
         raise cron.invalid_expression(expression)
+    # The chain lock before the stream's row lock: a firing tick takes them in this order.
+    await store.lock_cron_chain(tx.conn, tenant, expression, zone)
     stream_url = cron.cron_stream_url(expression, zone)
     path = events.stream_path(stream_url)
     try:

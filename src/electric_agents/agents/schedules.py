@@ -8,6 +8,7 @@ together, so a schedule is never half written.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from electric_agents.agents.schedule_events import manifest_delete, manifest_ups
 from electric_agents.agents.scheduler import ensure_cron_chain
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,96 @@ async def delete_schedule(runtime: AgentsRuntime, owner_url: str, schedule_id: s
         await _delete_wake_registration(tx.conn, tenant, owner.url, key)
         await append_to_main(tx, owner, manifest_delete(key, txid, now_ms()))
     return txid
+
+
+async def sync_manifest_schedules(runtime: AgentsRuntime, owner: Entity, events: list[Any]) -> None:
+    """Scheduler side effects of `manifest` events a handler appended through the proxy
+    (spec/03 §3.6.3): a pending `future_send` entry (re)schedules its send, any other entry
+    or a delete cancels the key's pending send, and a cron `schedule` or `source` entry
+    ensures its cron chain. Wake registrations are the wake system's part. Each event is
+    its own transaction; a bad entry is logged and skipped (the append already succeeded)."""
+    for event in events:
+        if not isinstance(event, dict) or event.get("type") != "manifest":
+            continue
+        key = event.get("key")
+        if not isinstance(key, str):
+            continue
+        headers = event.get("headers")
+        operation = headers.get("operation") if isinstance(headers, dict) else None
+        value = event.get("value")
+        try:
+            async with runtime.engine.transaction() as tx:
+                await _sync_manifest_entry(tx, runtime.tenant_id, owner, key, operation, value)
+        except ApiError as error:
+            log.warning("manifest entry %s of %s not scheduled: %s", key, owner.url, error)
+
+
+async def _sync_manifest_entry(
+    tx: StreamTransaction,
+    tenant: str,
+    owner: Entity,
+    key: str,
+    operation: Any,
+    value: Any,
+) -> None:
+    await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
+    if operation == "delete" or not isinstance(value, dict):
+        return
+    if (
+        value.get("kind") == "schedule"
+        and value.get("scheduleType") == "future_send"
+        and value.get("status") in (None, "pending")
+    ):
+        await _schedule_manifest_send(tx, tenant, owner, key, value)
+        return
+    cron_spec = _manifest_cron_spec(value)
+    if cron_spec is not None:
+        expression, timezone = cron_spec
+        zone, _ = cron.validate_schedule(expression, timezone)
+        await ensure_cron_chain(tx, tenant, expression, zone)
+
+
+async def _schedule_manifest_send(
+    tx: StreamTransaction, tenant: str, owner: Entity, key: str, entry: dict[str, Any]
+) -> None:
+    """syncManifestDelayedSend: the entry's send replaces any pending one of its key; it is
+    checked when it fires, as in the reference."""
+    fire_at = parse_fire_at(str(entry.get("fireAt", "")))
+    producer_id = entry.get("producerId")
+    if not isinstance(producer_id, str) or not producer_id:
+        producer_id = f"future-send-{uuid.uuid4()}"
+    task_payload: dict[str, Any] = {
+        "entityUrl": _text(entry.get("targetUrl")) or owner.url,
+        "from": _text(entry.get("senderUrl")) or owner.url,
+        "key": f"scheduled-{producer_id}",
+    }
+    if "payload" in entry:
+        task_payload["payload"] = entry["payload"]
+    if _text(entry.get("messageType")):
+        task_payload["type"] = entry["messageType"]
+    task_payload["producerId"] = producer_id
+    task_payload["manifest"] = {"ownerEntityUrl": owner.url, "key": key, "entry": entry}
+    await store.insert_delayed_send(
+        tx.conn, tenant, task_payload, fire_at, owner_entity_url=owner.url, manifest_key=key
+    )
+
+
+def _manifest_cron_spec(value: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(expression, timezone) of a cron `schedule` or cron `source` entry."""
+    if value.get("kind") == "schedule" and value.get("scheduleType") == "cron":
+        spec: Any = value
+    elif value.get("kind") == "source" and value.get("sourceType") == "cron":
+        spec = value.get("config")
+    else:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("expression"), str):
+        return None
+    timezone = spec.get("timezone")
+    return spec["expression"], timezone if isinstance(timezone, str) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def parse_fire_at(text: str) -> datetime:

@@ -20,6 +20,7 @@ from electric_agents.agents.consumer_callback_store import has_consumer_callback
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.schedules import sync_manifest_schedules
 from electric_agents.agents.schemas import validation_errors
 from electric_agents.agents.signals import on_run_finished
 from electric_agents.agents.write_tokens import check_write_token, claim_token_from_headers
@@ -111,8 +112,8 @@ class EntityStreamPolicy:
 
     async def sync_manifests(self, entity: Entity, events: list[Any]) -> None:
         """Call point for manifest side effects (spec/03 §3.6.3): wake registrations keyed by
-        manifest key, cron streams, entity sources, future sends. Not implemented yet."""
-        del entity, events
+        manifest key, cron streams, entity sources, future sends."""
+        await sync_manifest_schedules(self.runtime, entity, events)
 
 
 # --- event checks --------------------------------------------------------------------------
