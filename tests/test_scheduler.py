@@ -637,3 +637,52 @@ async def test_a_cron_source_in_a_handler_manifest_ensures_its_chain(
         "Asia/Calcutta",
     )
     assert pending == 1
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+async def test_a_failing_task_backs_off_instead_of_retrying_at_once(db: Any, api: Api) -> None:
+    # A task the server cannot perform (no target in its payload) fails with a non-4xx
+    # error, the kind that is retried.
+    task_id = await db.fetchval(
+        "INSERT INTO scheduled_tasks (tenant_id, kind, payload, fire_at)"
+        " VALUES ($1, 'delayed_send', '{\"from\": \"/principal/system%3Adev-local\"}'::jsonb,"
+        " now()) RETURNING id",
+        TENANT,
+    )
+
+    async def attempted(times: int) -> bool:
+        count = await db.fetchval(
+            "SELECT attempt_count FROM scheduled_tasks WHERE id = $1", task_id
+        )
+        return count >= times
+
+    await eventually(lambda: attempted(1), "the first attempt")
+    row = await db.fetchrow(
+        "SELECT attempt_count, completed_at, last_error,"
+        " extract(epoch FROM retry_at - now()) AS wait_s FROM scheduled_tasks WHERE id = $1",
+        task_id,
+    )
+    assert row["completed_at"] is None
+    assert row["attempt_count"] == 1  # not re-claimed in a tight loop
+    assert "KeyError" in row["last_error"]
+    assert 0.3 < row["wait_s"] <= 1.0
+    await eventually(lambda: attempted(2), "the second attempt")
+    wait_s = await db.fetchval(
+        "SELECT extract(epoch FROM retry_at - now()) FROM scheduled_tasks WHERE id = $1", task_id
+    )
+    assert 1.0 < wait_s <= 2.0  # doubled
+    await db.execute("UPDATE scheduled_tasks SET completed_at = now() WHERE id = $1", task_id)
+
+
+async def test_schedules_on_a_stopped_entity_are_409(api: Api, db: Any) -> None:
+    owner = await api.entity()
+    await set_status(db, owner, "stopped")
+    body = {"scheduleType": "cron", "expression": "* * * * *", "payload": 1}
+    error_of(await api.put_schedule(owner, "c", body), 409, "NOT_RUNNING")
+    error_of(await api.delete_schedule(owner, "c"), 409, "NOT_RUNNING")
+    registrations = await db.fetchval(
+        "SELECT count(*) FROM wake_registrations WHERE subscriber_url = $1", owner
+    )
+    assert registrations == 0

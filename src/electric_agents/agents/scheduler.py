@@ -47,6 +47,10 @@ ERROR_PAUSE_S = 1.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 UNWATCHED_GRACE_MS = 5 * 60 * 1000
+# After this many failed attempts (about an hour of backoff) a task is given up on.
+MAX_ATTEMPTS = 20
+# 4xx codes that describe a passing state, not a bad task: retried like a 5xx.
+TRANSIENT_CODES = frozenset({"FORK_IN_PROGRESS", "STREAM_CONFLICT"})
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,19 @@ class Scheduler:
             )
             return
         event = manifest_status_update(manifest["key"], manifest["entry"], status, error, now_ms())
-        await append_to_main(tx, owner, event)
+        try:
+            # A savepoint: a refused append (checked before anything is written) must not
+            # undo the task's own outcome.
+            async with tx.conn.transaction():
+                await append_to_main(tx, owner, event)
+        except ApiError as refused:
+            log.warning(
+                "future send %s settled %s; manifest of %s not updated: %s",
+                manifest.get("key"),
+                status,
+                owner.url,
+                refused,
+            )
 
     # --- cron ticks -------------------------------------------------------------------------
 
@@ -242,7 +258,11 @@ class Scheduler:
     # --- failures -----------------------------------------------------------------------------
 
     async def _record_failure(self, task: store.ScheduledTask, failure: Exception) -> None:
-        permanent = isinstance(failure, ApiError) and 400 <= failure.status < 500
+        permanent = (
+            isinstance(failure, ApiError)
+            and 400 <= failure.status < 500
+            and failure.code not in TRANSIENT_CODES
+        )
         if isinstance(failure, ApiError):
             reason = f"{failure.status} {failure.code}: {failure}"
         else:
@@ -251,6 +271,9 @@ class Scheduler:
             current = await store.lock_task(tx.conn, task.id)
             if current is None:
                 return  # completed by another process meanwhile
+            if not permanent and current.attempt_count + 1 >= MAX_ATTEMPTS:
+                permanent = True
+                reason = f"gave up after {MAX_ATTEMPTS} attempts: {reason}"
             if permanent:
                 log.warning(
                     "scheduled task %d (%s) failed for good: %s", task.id, task.kind, reason

@@ -282,6 +282,9 @@ async def _locked_owner(tx: StreamTransaction, tenant: str, owner_url: str, acti
     if owner is None:
         raise inbox.entity_not_found()
     reject_principal_mutation(owner, action)
+    if owner.status in ("stopped", "killed"):
+        # Its streams are closed: the manifest event could not be written.
+        raise inbox.not_running()
     return owner
 
 
