@@ -686,3 +686,70 @@ async def test_schedules_on_a_stopped_entity_are_409(api: Api, db: Any) -> None:
         "SELECT count(*) FROM wake_registrations WHERE subscriber_url = $1", owner
     )
     assert registrations == 0
+
+
+async def test_an_overdue_cron_tick_fires_once_and_the_chain_resumes_from_now(
+    api: Api, http: httpx.AsyncClient, db: Any
+) -> None:
+    expression = "*/7 * * * *"
+    zone = "Pacific/Auckland"
+    register = api.url("/_electric/cron/register")
+    assert (await http.post(register, json={"expression": expression, "timezone": zone})).is_success
+    # As if the servers had been down for a day: the pending tick is long overdue.
+    await db.execute(
+        "UPDATE scheduled_tasks SET fire_at = now() - interval '1 day'"
+        " WHERE cron_expression = $1 AND cron_timezone = $2 AND completed_at IS NULL",
+        expression,
+        zone,
+    )
+    stream = cron_stream_url(expression, zone)
+
+    async def ticked() -> bool:
+        return len(await api.events(stream)) == 1
+
+    await eventually(ticked, "the overdue tick")
+    rows = await db.fetch(
+        "SELECT cron_tick_number, fire_at > now() AS future, completed_at IS NULL AS pending"
+        " FROM scheduled_tasks WHERE cron_expression = $1 AND cron_timezone = $2"
+        " ORDER BY cron_tick_number",
+        expression,
+        zone,
+    )
+    assert [(r["cron_tick_number"], r["pending"], r["future"]) for r in rows] == [
+        (0, False, False),
+        (1, True, True),  # from now, not one of the day's missed ticks
+    ]
+    assert len(await api.events(stream)) == 1
+
+
+async def test_two_processes_tick_a_cron_chain_once_per_due_time(
+    server_factory: ServerFactory, http: httpx.AsyncClient
+) -> None:
+    first = server_factory("serve")
+    second = server_factory("serve", database_url=first.database_url)
+    owner = await _spawned(http, first)
+    body = {"scheduleType": "cron", "expression": EVERY_SECOND, "payload": None}
+    response = await http.put(
+        f"{second.origin}/_electric/entities{owner}/schedules/beat", json=body
+    )
+    assert response.status_code == 200, response.text
+    api = Api(http, first)
+    stream = cron_stream_url(EVERY_SECOND, "UTC")
+
+    async def ticks() -> bool:
+        return len(await api.events(stream)) >= 4
+
+    await eventually(ticks, "four ticks")
+    first.kill9()  # the other process carries the chain on
+    api = Api(http, second)
+    count = len(await api.events(stream))
+
+    async def more() -> bool:
+        return len(await api.events(stream)) >= count + 2
+
+    await eventually(more, "ticks after a kill -9")
+    events = await api.events(stream)
+    numbers = [event["value"]["tickNumber"] for event in events]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    fired = [event["value"]["firedAt"] for event in events]
+    assert len(set(fired)) == len(fired)

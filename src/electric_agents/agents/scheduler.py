@@ -77,6 +77,9 @@ class Scheduler:
             try:
                 await self._rehydrate_watched_chains()
                 while True:
+                    if listener.is_closed():
+                        # The supervisor restarts the worker with a fresh LISTEN connection.
+                        raise ConnectionError("scheduler LISTEN connection lost")
                     self._nudged.clear()
                     try:
                         await self.fire_due()
@@ -247,6 +250,9 @@ class Scheduler:
             body=events.encode(tick_event),
             producer=ProducerHeaders(f"scheduler-cron-{encoded}-{tick}", 0, 0),
         )
+        # Call point for the wake system: registrations whose source is `stream_url` are
+        # evaluated on this tick (spec/03 §5.7, source event key `insert:tick-<n>`), in this
+        # transaction so a tick and its wakes commit together.
         # From the due time, or from now when that is long past (one catch-up tick, not
         # every missed one).
         now = datetime.now(UTC)
