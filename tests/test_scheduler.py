@@ -418,6 +418,8 @@ async def test_invalid_cron_expression_or_timezone_is_400(
         "INVALID_REQUEST",
     )
     assert error["message"] == 'Invalid cron timezone: "Mars/Base"'
+    error_of(await http.post(register, json={"expression": 5}), 400, "INVALID_REQUEST")
+    error_of(await http.post(register, content=b"{nope"), 400, "INVALID_REQUEST")
     error = error_of(await http.post(register, json={}), 400, "INVALID_REQUEST")
     assert error["details"] == [
         {"path": "/", "message": "must have required property 'expression'"}
@@ -771,3 +773,50 @@ async def test_two_processes_tick_a_cron_chain_once_per_due_time(
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     fired = [event["value"]["firedAt"] for event in events]
     assert len(set(fired)) == len(fired)
+
+
+async def test_concurrent_registrations_of_one_cron_make_one_chain(
+    api: Api, http: httpx.AsyncClient, db: Any
+) -> None:
+    expression = "0 3 * * 1-5"
+    register = api.url("/_electric/cron/register")
+    zones = ["Europe/Paris", "europe/paris", "Europe/Paris"] * 4
+    responses = await asyncio.gather(
+        *(http.post(register, json={"expression": expression, "timezone": z}) for z in zones)
+    )
+    assert [r.status_code for r in responses] == [200] * len(zones)
+    assert {r.json()["streamUrl"] for r in responses} == {
+        cron_stream_url(expression, "Europe/Paris")
+    }
+    rows = await db.fetch(
+        "SELECT cron_tick_number FROM scheduled_tasks WHERE cron_expression = $1",
+        expression,
+    )
+    assert [r["cron_tick_number"] for r in rows] == [0]
+
+
+async def test_startup_restarts_the_chain_of_a_watched_cron_stream(
+    server_factory: ServerFactory, http: httpx.AsyncClient
+) -> None:
+    server = server_factory("serve")
+    owner = await _spawned(http, server)
+    body = {"scheduleType": "cron", "expression": "0 0 * * *", "payload": 1}
+    response = await http.put(f"{server.origin}/_electric/entities{owner}/schedules/d", json=body)
+    assert response.status_code == 200, response.text
+    assert server.database_url is not None
+    db = await asyncpg.connect(server.database_url)
+    try:
+        # The chain was lost (as a permanent failure ended it in the reference).
+        await db.execute("UPDATE scheduled_tasks SET completed_at = now()")
+        server.kill9()
+        server.start()
+
+        async def restarted() -> bool:
+            pending = await db.fetchval(
+                "SELECT cron_tick_number FROM scheduled_tasks WHERE completed_at IS NULL"
+            )
+            return pending == 1
+
+        await eventually(restarted, "the chain to restart with tick 1")
+    finally:
+        await db.close()
