@@ -129,6 +129,10 @@ def test_fall_back_fires_a_fixed_hour_once_and_keeps_an_hourly_pace() -> None:
         utc(2026, 11, 1, 7, 30),
     ]
     assert [m.astimezone(NEW_YORK).hour for m in every_half_hour] == [1, 1, 1, 1, 2, 2]
+    # From inside the repeated hour, a fixed-hour schedule waits for the next day.
+    assert fires("30 1 * * *", "America/New_York", utc(2026, 11, 1, 6, 10), 1) == [
+        utc(2026, 11, 2, 6, 30)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -227,9 +227,13 @@ def next_fire_at(expression: CronExpression, timezone: str, after: datetime) -> 
     zone = _zone(timezone)
     after_utc = after.astimezone(UTC)
     local_after = after_utc.astimezone(zone).replace(tzinfo=None, microsecond=0)
-    # Wall clocks repeat up to a few hours at a DST fall-back, so a later instant can sit at
-    # an earlier local time: scan from a little before and keep the earliest instant found.
-    candidate = local_after - timedelta(hours=3)
+    # A wall clock runs back at a DST fall-back, so a later instant can show an earlier
+    # local time: look back by the coming drop (zero almost always) and keep the earliest
+    # instant found within it.
+    offset_now = after_utc.astimezone(zone).utcoffset() or timedelta(0)
+    offset_soon = (after_utc + timedelta(hours=3)).astimezone(zone).utcoffset() or timedelta(0)
+    lookback = max(timedelta(0), offset_now - offset_soon)
+    candidate = local_after - lookback
     horizon = local_after.replace(year=local_after.year + _SEARCH_YEARS, month=1, day=1)
     best: datetime | None = None
     stop_at: datetime | None = None
@@ -240,7 +244,7 @@ def next_fire_at(expression: CronExpression, timezone: str, after: datetime) -> 
         for instant in _instants(expression, found, zone):
             if instant > after_utc and (best is None or instant < best):
                 best = instant
-                stop_at = found + timedelta(hours=4)
+                stop_at = found + lookback
         candidate = found + timedelta(seconds=1)
     return best
 
