@@ -540,6 +540,37 @@ async def test_a_task_due_while_the_server_is_killed_fires_once_after_restart(
     assert found == ["late", "marker"]
 
 
+async def test_a_kill_in_the_middle_of_a_burst_fires_every_task_exactly_once(
+    server_factory: ServerFactory, http: httpx.AsyncClient
+) -> None:
+    server = server_factory("serve")
+    url = await _spawned(http, server)
+    keys = [f"b{i}" for i in range(40)]
+    sends = [
+        http.post(
+            f"{server.origin}/_electric/entities{url}/send",
+            json={"payload": i, "key": key, "afterMs": 400},
+        )
+        for i, key in enumerate(keys)
+    ]
+    assert all(r.status_code == 204 for r in await asyncio.gather(*sends))
+    api = Api(http, server)
+
+    async def burst_started() -> bool:
+        return bool(set(await inbox_keys(api, url)) & set(keys))
+
+    await eventually(burst_started, "the burst to start firing")
+    server.kill9()  # measured: a few of the 40 have fired by now, the rest have not
+    server.start()
+    await wait_for_keys(api, url, set(keys))
+    await http.post(
+        f"{server.origin}/_electric/entities{url}/send",
+        json={"payload": "m", "key": "marker", "afterMs": 50},
+    )
+    found = await wait_for_keys(api, url, {"marker"})
+    assert sorted(found) == sorted([*keys, "marker"])
+
+
 # --- manifest entries written by handlers ------------------------------------------------------
 
 
