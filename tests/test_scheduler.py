@@ -851,3 +851,36 @@ async def test_startup_restarts_the_chain_of_a_watched_cron_stream(
         await eventually(restarted, "the chain to restart with tick 1")
     finally:
         await db.close()
+
+
+async def test_reupserting_a_schedule_replaces_its_registration_and_kind(api: Api, db: Any) -> None:
+    owner = await api.entity()
+    hourly = {"scheduleType": "cron", "expression": "0 * * * *", "payload": 1}
+    daily = {"scheduleType": "cron", "expression": "0 0 * * *", "payload": 2, "timeoutMs": 5}
+    assert (await api.put_schedule(owner, "s", hourly)).status_code == 200
+    assert (await api.put_schedule(owner, "s", daily)).status_code == 200
+
+    async def registrations() -> list[tuple[str, int]]:
+        rows = await db.fetch(
+            "SELECT source_url, timeout_ms FROM wake_registrations WHERE subscriber_url = $1",
+            owner,
+        )
+        return [(row["source_url"], row["timeout_ms"]) for row in rows]
+
+    assert await registrations() == [(cron_stream_url("0 0 * * *", "UTC"), 5)]
+    later = {"scheduleType": "future_send", "payload": 3, "fireAt": iso_in(3600)}
+    assert (await api.put_schedule(owner, "s", later)).status_code == 200
+    assert await registrations() == []
+    pending = await db.fetchval(
+        "SELECT count(*) FROM scheduled_tasks WHERE owner_entity_url = $1 AND completed_at IS NULL",
+        owner,
+    )
+    assert pending == 1
+    assert (await api.put_schedule(owner, "s", hourly)).status_code == 200
+    pending = await db.fetchval(
+        "SELECT count(*) FROM scheduled_tasks WHERE owner_entity_url = $1 AND completed_at IS NULL",
+        owner,
+    )
+    assert pending == 0  # the cron schedule replaced the pending send
+    operations = [m["headers"]["operation"] for m in await api.manifests(owner)]
+    assert operations == ["upsert"] * 4
