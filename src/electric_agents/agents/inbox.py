@@ -9,7 +9,7 @@ checked the same way and stored as a `scheduled_tasks` row for the scheduler to 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -52,6 +52,17 @@ class SendRequest:
     claimed_from: str | None = None  # the request's `from`, which must name the caller
 
 
+class Sender(Protocol):
+    """Who a message is from: a principal, or (for a future send a handler put in its
+    manifest) the URL the entry names."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def is_system(self) -> bool: ...
+
+
 def not_running() -> ApiError:
     return ApiError(409, "NOT_RUNNING", "Entity is not accepting writes")
 
@@ -72,7 +83,7 @@ def effective_inbox_schemas(
 
 
 def check_send(
-    entity: Entity, entity_type: EntityType | None, request: SendRequest, sender: Principal
+    entity: Entity, entity_type: EntityType | None, request: SendRequest, sender: Sender
 ) -> None:
     """validateSendRequest (spec/03 §5.3), in the reference's order."""
     if entity.status in REJECTS_WRITES:
@@ -109,24 +120,36 @@ async def send(
     if request.after_ms is not None and request.after_ms > MAX_AFTER_MS:
         raise ApiError(400, "INVALID_REQUEST", "afterMs is too large")
     await ensure_principal_entity(runtime, sender)
-    tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
-        entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
-        if entity is None:
-            raise entity_not_found()
-        entity_type = await get_entity_type(tx.conn, tenant, entity.type)
-        await _backfill_dispatch_policy(tx, tenant, entity, entity_type)
-        if entity.status not in REJECTS_WRITES:
-            # Before the append, in its transaction: the send commits with the link that
-            # wakes its handler (spec/02 §3.4 side effect C).
-            await link_dispatch(
-                tx.conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
-            )
-        if request.after_ms is not None and request.after_ms > 0:
-            check_send(entity, entity_type, request, sender)
-            await _schedule_delayed_send(tx, tenant, entity, request, sender, request.after_ms)
-            return
-        await deliver(tx, tenant, entity, entity_type, request, sender)
+        await send_in(tx, runtime, sender, entity_url, request)
+
+
+async def send_in(
+    tx: StreamTransaction,
+    runtime: AgentsRuntime,
+    sender: Sender,
+    entity_url: str,
+    request: SendRequest,
+) -> None:
+    """A send inside the caller's transaction: `send`, and the scheduler delivering a
+    delayed send in the transaction that completes its task."""
+    tenant = runtime.tenant_id
+    entity = await get_entity(tx.conn, tenant, entity_url, for_update=True)
+    if entity is None:
+        raise entity_not_found()
+    entity_type = await get_entity_type(tx.conn, tenant, entity.type)
+    await _backfill_dispatch_policy(tx, tenant, entity, entity_type)
+    if entity.status not in REJECTS_WRITES:
+        # Before the append, in its transaction: the send commits with the link that
+        # wakes its handler (spec/02 §3.4 side effect C).
+        await link_dispatch(
+            tx.conn, tenant, entity, on_subscription_created=runtime.on_subscription_created
+        )
+    if request.after_ms is not None and request.after_ms > 0:
+        check_send(entity, entity_type, request, sender)
+        await _schedule_delayed_send(tx, tenant, entity, request, sender, request.after_ms)
+        return
+    await deliver(tx, tenant, entity, entity_type, request, sender)
 
 
 async def deliver(
@@ -135,7 +158,7 @@ async def deliver(
     entity: Entity,
     entity_type: EntityType | None,
     request: SendRequest,
-    sender: Principal,
+    sender: Sender,
 ) -> None:
     """Check and append one message inside the caller's transaction; the entity row must be
     locked (or created) by it. Used by `send` and by spawn's `initialMessage`."""
@@ -180,7 +203,7 @@ async def _schedule_delayed_send(
     tenant: str,
     entity: Entity,
     request: SendRequest,
-    sender: Principal,
+    sender: Sender,
     after_ms: float,
 ) -> None:
     """A `delayed_send` task (spec/03 §5.8) for the scheduler; its payload names what

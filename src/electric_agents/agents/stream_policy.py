@@ -26,6 +26,7 @@ from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.events import stream_path
 from electric_agents.agents.manifest_wakes import has_manifest_events, sync_manifest_wakes
 from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.schedules import sync_manifest_schedules
 from electric_agents.agents.schemas import validation_errors
 from electric_agents.agents.signals import on_run_finished
 from electric_agents.agents.wake_conditions import any_match
@@ -160,10 +161,10 @@ class EntityStreamPolicy:
             log.warning("after-append hooks for %s failed: %s", path, error)
 
     async def sync_manifests(self, entity: Entity, events: list[Any]) -> None:
-        """Call point for the other manifest side effects (spec/03 §3.6.3): cron streams,
-        entity sources, future sends. Not implemented yet. (Wake registrations keyed by
-        manifest key are synced in the append's transaction, agents/manifest_wakes.py.)"""
-        del entity, events
+        """The manifest side effects that run after the append (spec/03 §3.6.3): future
+        sends and cron streams. (Wake registrations keyed by manifest key are synced in the
+        append's transaction, agents/manifest_wakes.py.)"""
+        await sync_manifest_schedules(self.runtime, entity, events)
 
 
 # --- event checks --------------------------------------------------------------------------

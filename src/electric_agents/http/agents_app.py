@@ -15,6 +15,7 @@ from electric_agents.http import (
     routes_entity_types,
     routes_fork,
     routes_runners,
+    routes_schedules,
     routes_signals,
     routes_wakes,
 )
@@ -55,6 +56,7 @@ def control_routes(
         *routes_fork.routes(runtime),
         *routes_runners.routes(runtime),
         *routes_wakes.routes(runtime),
+        *routes_schedules.routes(runtime),
         *dispatch,
     ]
 
