@@ -1,0 +1,459 @@
+"""The built-in mock `chat` agent (spec/02 §4.14), behind `serve --mock-agent`.
+
+It is an ordinary webhook handler that happens to live in the server process: it verifies
+the forwarded wake's signature, answers `{"ok":true}` at once, and then, in a task of its
+own, does what the TypeScript runtime does (spec/04 §1.5) over real HTTP on the server's
+public URL: claim through the `callback` with the claim token, read the entity's main
+stream, append one run per unanswered inbox message with the write token through an
+idempotent producer, and report done. Nothing here reaches into the stores, so the mock
+exercises the same dispatch path as any external handler.
+
+A run is the lifecycle the runtime's outbound bridge writes for a one-text reply: run,
+step and text inserts, `text_delta` inserts of at most 10 characters, then the text, step
+and run updates. Key counters continue from the highest `run-N`/`step-N`/`msg-N` already
+in the stream, as the runtime re-seeds them on each wake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from electric_agents.agents.builtin_schemas import default_output_schemas
+from electric_agents.agents.entity_types import register_entity_type
+from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.errors import ApiError
+from electric_agents.streams.signing import WebhookSigner, b64url_decode
+
+log = logging.getLogger(__name__)
+
+CHAT_TYPE_NAME = "chat"
+CHAT_DESCRIPTION = "Mock chat entity for conformance and end-to-end tests."
+MOCK_AGENT_HANDLER_PATH = "/_electric/mock-agent-handler"
+MOCK_REPLY = "I am a mock agent response. The answer is 42."
+# The conformance package's `createMockStreamFn` chunks its text into 10-character deltas.
+DELTA_CHARS = 10
+# The reference's MOCK_CHAT_MODEL, reported on each step.
+MODEL_PROVIDER = "anthropic"
+MODEL_ID = "mock-chat"
+# spec/02 §1.5: on shutdown in-flight wakes get this long to finish, then are cancelled.
+DRAIN_TIMEOUT_S = 5.0
+SIGNATURE_TOLERANCE_S = 300
+_SIGNATURE_VALUE = re.compile(r"^[A-Za-z0-9_-]+$")
+_COUNTER_KEY = re.compile(r"^(run|step|msg|tc)-(\d+)")
+
+
+def chat_type_document(public_url: str) -> dict[str, Any]:
+    """The registration the reference's `registerTypes()` sends for `chat`."""
+    endpoint = public_url + MOCK_AGENT_HANDLER_PATH
+    return {
+        "name": CHAT_TYPE_NAME,
+        "description": CHAT_DESCRIPTION,
+        "output_schemas": default_output_schemas(),
+        "serve_endpoint": endpoint,
+        "default_dispatch_policy": {
+            "targets": [
+                {"type": "webhook", "url": endpoint, "subscription_id": f"webhook:{CHAT_TYPE_NAME}"}
+            ]
+        },
+    }
+
+
+# --- the notification --------------------------------------------------------------------
+
+
+def verify_webhook_signature(
+    header: str | None, body: bytes, signer: WebhookSigner, *, now: float | None = None
+) -> None:
+    """spec/02 §4.4 rules, against the key the server publishes at `/__ds/jwks.json`:
+    401 UNAUTHORIZED for a missing, malformed, stale, unknown-key or wrong signature."""
+    if header is None or not header.strip():
+        raise ApiError(401, "UNAUTHORIZED", "Missing webhook signature")
+    fields: dict[str, str] = {}
+    for part in header.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ApiError(401, "UNAUTHORIZED", "Invalid webhook signature")
+        fields[key.strip()] = value.strip()
+    timestamp, kid, signature = fields.get("t"), fields.get("kid"), fields.get("ed25519")
+    if (
+        timestamp is None
+        or kid is None
+        or signature is None
+        or not (timestamp.isascii() and timestamp.isdigit())
+        or not _SIGNATURE_VALUE.match(signature)
+    ):
+        raise ApiError(401, "UNAUTHORIZED", "Invalid webhook signature")
+    current = time.time() if now is None else now
+    if abs(current - int(timestamp)) > SIGNATURE_TOLERANCE_S:
+        raise ApiError(401, "UNAUTHORIZED", "Webhook signature expired")
+    if kid != signer.kid:
+        raise ApiError(401, "UNAUTHORIZED", "Unknown webhook signing key")
+    public_key = Ed25519PublicKey.from_public_bytes(b64url_decode(signer.x))
+    try:
+        public_key.verify(b64url_decode(signature), f"{timestamp}.".encode() + body)
+    except (InvalidSignature, ValueError):
+        raise ApiError(401, "UNAUTHORIZED", "Invalid webhook signature") from None
+
+
+@dataclass(frozen=True)
+class ChatWake:
+    """The fields of a forwarded wake (spec/02 §4.5) the mock acts on."""
+
+    entity_url: str
+    stream_path: str
+    offset: str
+    callback: str
+    claim_token: str
+    epoch: int
+    wake_id: str
+
+
+def parse_chat_wake(body: bytes) -> ChatWake:
+    """400 for a body that is no wake notification; 503 for a wake of another entity type
+    (what the runtime answers for a type it does not serve)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "INVALID_REQUEST", "Invalid JSON body") from None
+    if not isinstance(document, dict):
+        raise ApiError(400, "INVALID_REQUEST", "Webhook body must be a JSON object")
+    entity = document.get("entity")
+    streams = document.get("streams")
+    first = streams[0] if isinstance(streams, list) and streams else None
+    strings = {
+        name: document.get(name) for name in ("callback", "claimToken", "wakeId", "streamPath")
+    }
+    epoch = document.get("epoch")
+    if (
+        not isinstance(entity, dict)
+        or not isinstance(entity.get("url"), str)
+        or not isinstance(first, dict)
+        or not isinstance(first.get("offset"), str)
+        or not all(isinstance(value, str) and value for value in strings.values())
+        or not isinstance(epoch, int)
+        or isinstance(epoch, bool)
+    ):
+        raise ApiError(400, "INVALID_REQUEST", "Not a wake notification for an entity")
+    if entity.get("type") != CHAT_TYPE_NAME:
+        raise ApiError(503, "UNKNOWN_ENTITY_TYPE", f"Unknown entity type: {entity.get('type')}")
+    return ChatWake(
+        entity_url=entity["url"],
+        stream_path=strings["streamPath"],  # type: ignore[arg-type]
+        offset=first["offset"],
+        callback=strings["callback"],  # type: ignore[arg-type]
+        claim_token=strings["claimToken"],  # type: ignore[arg-type]
+        epoch=epoch,
+        wake_id=strings["wakeId"],  # type: ignore[arg-type]
+    )
+
+
+# --- what a run writes ---------------------------------------------------------------------
+
+
+@dataclass
+class KeyCounters:
+    """The next free number of each key family (spec/04 §1.4 key schemes)."""
+
+    run: int = 0
+    step: int = 0
+    msg: int = 0
+
+    @classmethod
+    def scan(cls, events: list[Any]) -> KeyCounters:
+        counters = cls()
+        for event in events:
+            key = event.get("key") if isinstance(event, dict) else None
+            found = _COUNTER_KEY.match(key) if isinstance(key, str) else None
+            if found is None or found.group(1) == "tc":
+                continue
+            family, number = found.group(1), int(found.group(2)) + 1
+            setattr(counters, family, max(getattr(counters, family), number))
+        return counters
+
+
+def unanswered_messages(events: list[Any]) -> int:
+    """Inbox messages without a run yet: the mock answers each message with exactly one
+    run, so counting beats positions (a message may land between a run's events)."""
+    inbox = sum(1 for event in events if _is_insert(event, "inbox"))
+    runs = sum(1 for event in events if _is_insert(event, "run"))
+    return max(inbox - runs, 0)
+
+
+def _is_insert(event: Any, event_type: str) -> bool:
+    if not isinstance(event, dict) or event.get("type") != event_type:
+        return False
+    headers = event.get("headers")
+    return isinstance(headers, dict) and headers.get("operation") == "insert"
+
+
+def _event(event_type: str, key: str, value: dict[str, Any], operation: str) -> dict[str, Any]:
+    return {
+        "type": event_type,
+        "key": key,
+        "value": value,
+        "headers": {"operation": operation, "txid": str(uuid.uuid4())},
+    }
+
+
+def run_events(counters: KeyCounters, reply: str = MOCK_REPLY) -> list[dict[str, Any]]:
+    """One run answering with `reply`, in write order; advances `counters`."""
+    run_key, step_key, text_key = (
+        f"run-{counters.run}",
+        f"step-{counters.step}",
+        f"msg-{counters.msg}",
+    )
+    counters.run += 1
+    counters.step += 1
+    counters.msg += 1
+    deltas = [reply[i : i + DELTA_CHARS] for i in range(0, len(reply), DELTA_CHARS)]
+    return [
+        _event("run", run_key, {"status": "started"}, "insert"),
+        _event(
+            "step",
+            step_key,
+            {
+                "step_number": 1,
+                "status": "started",
+                "run_id": run_key,
+                "model_provider": MODEL_PROVIDER,
+                "model_id": MODEL_ID,
+            },
+            "insert",
+        ),
+        _event("text", text_key, {"status": "streaming", "run_id": run_key}, "insert"),
+        *(
+            _event(
+                "text_delta",
+                f"{text_key}:{seq}",
+                {"text_id": text_key, "run_id": run_key, "delta": delta},
+                "insert",
+            )
+            for seq, delta in enumerate(deltas)
+        ),
+        _event("text", text_key, {"status": "completed", "run_id": run_key}, "update"),
+        _event(
+            "step",
+            step_key,
+            {"step_number": 1, "status": "completed", "run_id": run_key, "finish_reason": "stop"},
+            "update",
+        ),
+        _event("run", run_key, {"status": "completed", "finish_reason": "stop"}, "update"),
+    ]
+
+
+# --- the agent -------------------------------------------------------------------------------
+
+
+class WakeFailed(Exception):
+    """The server refused a step of the wake; the wake is given up (its lease expires)."""
+
+
+class MockChatAgent:
+    """Registers `chat`, accepts its wakes and runs them in tasks it tracks and drains."""
+
+    def __init__(self, runtime: AgentsRuntime, signer: WebhookSigner) -> None:
+        self._runtime = runtime
+        self._signer = signer
+        self._tasks: set[asyncio.Task[None]] = set()
+        # One wake at a time per entity: a redelivered wake must not interleave its writes
+        # with the one still running.
+        self._entity_locks = _KeyedLocks()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Register `chat` before the server reports ready, through the same code as
+        `POST /_electric/entity-types` (an upsert, so every boot is safe)."""
+        await register_entity_type(self._runtime, chat_type_document(self._runtime.public_url))
+        log.info("mock chat agent registered at %s", MOCK_AGENT_HANDLER_PATH)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=DRAIN_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def accept_webhook(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Check the delivery and start its wake; the answer `{"ok":true}` leaves the wake
+        outstanding until the task reports done (spec/02 §4.6)."""
+        if self._stopping:
+            raise ApiError(503, "SERVER_STOPPING", "Server is shutting down")
+        verify_webhook_signature(headers.get("webhook-signature"), body, self._signer)
+        wake = parse_chat_wake(body)
+        task = asyncio.create_task(self._run_wake(wake), name=f"mock-agent {wake.wake_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return {"ok": True}
+
+    async def _run_wake(self, wake: ChatWake) -> None:
+        try:
+            async with self._entity_locks.hold(wake.entity_url):
+                await self._process(wake)
+        except WakeFailed as error:
+            log.warning("mock agent wake %s of %s: %s", wake.wake_id, wake.entity_url, error)
+        except httpx.HTTPError as error:
+            log.warning(
+                "mock agent wake %s of %s: %s: %s",
+                wake.wake_id,
+                wake.entity_url,
+                type(error).__name__,
+                error,
+            )
+
+    async def _process(self, wake: ChatWake) -> None:
+        write_token = await self._claim(wake)
+        try:
+            events = await self._read_stream(wake.stream_path)
+            unanswered = unanswered_messages(events)
+            if unanswered:
+                producer = _IdempotentProducer(
+                    self._runtime.http,
+                    self._runtime.public_url + wake.stream_path,
+                    producer_id=f"entity-{wake.entity_url}",
+                    epoch=wake.epoch,
+                    write_token=write_token,
+                )
+                counters = KeyCounters.scan(events)
+                for _ in range(unanswered):
+                    for event in run_events(counters):
+                        await producer.append(event)
+        finally:
+            if not self._stopping:
+                # On shutdown the wake is left to its lease, so it is delivered again
+                # (the runtime skips done when aborted, spec/04 §1.5 step 8).
+                await self._done(wake)
+
+    async def _claim(self, wake: ChatWake) -> str:
+        response = await self._runtime.http.post(
+            wake.callback,
+            json={"epoch": wake.epoch, "wakeId": wake.wake_id},
+            headers={"authorization": f"Bearer {wake.claim_token}"},
+        )
+        answer = _json_object(response)
+        token = answer.get("writeToken")
+        if response.status_code != 200 or answer.get("ok") is not True or not token:
+            raise WakeFailed(f"claim answered {response.status_code}: {response.text[:200]}")
+        return str(token)
+
+    async def _read_stream(self, stream_path: str) -> list[Any]:
+        """Every event of the stream: catch-up reads until up to date."""
+        # The path is the raw (still percent-encoded) one the server handed out.
+        url = self._runtime.public_url + stream_path
+        events: list[Any] = []
+        offset = "-1"
+        while True:
+            response = await self._runtime.http.get(url, params={"offset": offset})
+            if response.status_code != 200:
+                raise WakeFailed(f"reading {stream_path} answered {response.status_code}")
+            batch = response.json()
+            if isinstance(batch, list):
+                events.extend(batch)
+            next_offset = response.headers.get("Stream-Next-Offset")
+            if response.headers.get("Stream-Up-To-Date") == "true" or not next_offset:
+                return events
+            offset = next_offset
+
+    async def _done(self, wake: ChatWake) -> None:
+        response = await self._runtime.http.post(
+            wake.callback,
+            json={
+                "epoch": wake.epoch,
+                "acks": [{"path": wake.stream_path, "offset": wake.offset}],
+                "done": True,
+            },
+            headers={"authorization": f"Bearer {wake.claim_token}"},
+        )
+        if response.status_code != 200:
+            raise WakeFailed(f"done answered {response.status_code}: {response.text[:200]}")
+
+
+class _KeyedLocks:
+    """A lock per key, forgotten once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class _IdempotentProducer:
+    """Appends one event per request with `Producer-Id`/`Epoch`/`Seq`, as the runtime's
+    producer does (spec/04 §1.5 step 4): a retried request cannot write twice."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        stream_url: str,
+        *,
+        producer_id: str,
+        epoch: int,
+        write_token: str,
+    ) -> None:
+        self._http = http
+        self._url = stream_url
+        self._producer_id = producer_id
+        self._epoch = epoch
+        self._seq = 0
+        self._write_token = write_token
+
+    async def append(self, event: dict[str, Any]) -> None:
+        response = await self._post(event)
+        fenced_at = response.headers.get("Producer-Epoch")
+        if response.status_code == 403 and fenced_at and fenced_at.isdigit():
+            # Auto-claim, like the runtime: an older epoch is in the way (a subscription
+            # re-created with a lower generation), so take the next one from seq 0.
+            self._epoch, self._seq = int(fenced_at) + 1, 0
+            response = await self._post(event)
+        if response.status_code not in (200, 204):
+            raise WakeFailed(f"append answered {response.status_code}: {response.text[:200]}")
+        self._seq += 1
+
+    async def _post(self, event: dict[str, Any]) -> httpx.Response:
+        return await self._http.post(
+            self._url,
+            content=orjson.dumps([event]),
+            headers={
+                "content-type": "application/json",
+                "authorization": f"Bearer {self._write_token}",
+                "Producer-Id": self._producer_id,
+                "Producer-Epoch": str(self._epoch),
+                "Producer-Seq": str(self._seq),
+            },
+        )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        parsed = response.json()
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
