@@ -142,9 +142,8 @@ def assert_state_protocol(events: list[Any]) -> None:
             assert isinstance(value["delta"], str)
         if event["type"] == "step":
             assert "step_number" in value
-            assert step_numbers.setdefault(event["key"], value["step_number"]) == (
-                value["step_number"]
-            )
+            number = value["step_number"]
+            assert step_numbers.setdefault(event["key"], number) == number, "step_number moved"
         if (
             event["type"] in ("run", "step")
             and event["headers"]["operation"] == "update"
