@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from agents_support import read_events, unique_id
+from agents_support import mint_token, read_events, unique_id
 from conftest import ServerFactory, ServerProcess
 from electric_agents.agents.mock_agent import (
     CHAT_DESCRIPTION,
@@ -191,6 +191,34 @@ async def test_mock_agent_registers_chat_with_its_handler_and_the_builtin_schema
     assert chat["output_schemas"] == schemas
 
 
+async def test_chat_streams_refuse_events_the_builtin_schemas_refuse(
+    mock_server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    url = await spawn_chat(http, mock_server)
+    assert mock_server.database_url is not None
+    db = await asyncpg.connect(mock_server.database_url)
+    try:
+        token = await mint_token(db, url)
+    finally:
+        await db.close()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
+
+    async def append(event: dict[str, Any]) -> httpx.Response:
+        return await http.post(
+            f"{mock_server.origin}{url}/main", content=orjson.dumps([event]), headers=headers
+        )
+
+    refused = await append({"type": "run", "key": "run-0", "value": {"status": "done"}})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "SCHEMA_VALIDATION_FAILED"
+    unknown = await append({"type": "reply", "key": "r", "value": {}})
+    assert unknown.status_code == 422
+    assert unknown.json()["error"]["code"] == "UNKNOWN_EVENT_TYPE"
+    partial = {"status": "completed", "finish_reason": "stop"}
+    accepted = await append({"type": "run", "key": "run-0", "value": partial})
+    assert accepted.status_code in (200, 204), accepted.text
+
+
 async def test_env_variable_enables_the_mock_agent(
     server_factory: ServerFactory, http: httpx.AsyncClient
 ) -> None:
@@ -207,6 +235,15 @@ async def test_handler_route_is_a_bare_404_without_the_mock_agent(
     assert response.content == b""
     types = await http.get(f"{serve_server.origin}/_electric/entity-types/chat")
     assert types.status_code == 404
+
+
+async def test_handler_route_takes_only_post(
+    mock_server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = await http.request(method, mock_server.origin + MOCK_AGENT_HANDLER_PATH)
+        assert response.status_code == 404, method
+        assert response.content == b""
 
 
 # --- a conversation ----------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""The mock agent's parts without a server: what one run writes, how counters and owed
+runs are read from a stream, the webhook signature check, and the built-in schemas against
+the events the server and the runtime write (spec/02 §4.4, §4.14, §8; spec/04 §1.4)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from electric_agents.agents.builtin_schemas import default_output_schemas
+from electric_agents.agents.mock_agent import (
+    MOCK_REPLY,
+    KeyCounters,
+    run_events,
+    unanswered_messages,
+    verify_webhook_signature,
+)
+from electric_agents.agents.schemas import check_schema, validation_errors
+from electric_agents.errors import ApiError
+from electric_agents.streams.signing import WebhookSigner
+
+
+def _insert(event_type: str, key: str) -> dict[str, Any]:
+    return {"type": event_type, "key": key, "value": {}, "headers": {"operation": "insert"}}
+
+
+def test_a_run_streams_the_reply_in_ten_character_deltas_between_inserts_and_updates() -> None:
+    counters = KeyCounters(run=3, step=7, msg=2)
+    events = run_events(counters)
+    deltas = [e for e in events if e["type"] == "text_delta"]
+    assert "".join(e["value"]["delta"] for e in deltas) == MOCK_REPLY
+    assert [len(e["value"]["delta"]) for e in deltas] == [10, 10, 10, 10, 5]
+    assert [e["key"] for e in deltas] == [f"msg-2:{i}" for i in range(5)]
+    assert {e["value"]["run_id"] for e in events if "run_id" in e["value"]} == {"run-3"}
+    assert [(e["type"], e["key"]) for e in events if e["type"] != "text_delta"] == [
+        ("run", "run-3"),
+        ("step", "step-7"),
+        ("text", "msg-2"),
+        ("text", "msg-2"),
+        ("step", "step-7"),
+        ("run", "run-3"),
+    ]
+    assert (counters.run, counters.step, counters.msg) == (4, 8, 3)
+    # One transaction id per append, as the runtime stamps its writes.
+    assert len({e["headers"]["txid"] for e in events}) == len(events)
+
+
+def test_every_event_of_a_run_passes_the_builtin_schemas() -> None:
+    schemas = default_output_schemas()
+    for event in run_events(KeyCounters()):
+        assert validation_errors(schemas[event["type"]], event["value"]) == [], event
+
+
+def test_counters_continue_after_the_highest_key_of_each_family() -> None:
+    events = [
+        _insert("run", "run-4"),
+        _insert("run", "run-1"),
+        _insert("step", "step-9"),
+        _insert("text", "msg-2"),
+        _insert("text_delta", "msg-2:17"),
+        _insert("tool_call", "tc-30"),
+        _insert("inbox", "msg-in-1795619423256-66h3e6"),
+        {"type": "run", "key": 5},
+        "not an event",
+    ]
+    assert KeyCounters.scan(events) == KeyCounters(run=5, step=10, msg=3)
+    assert KeyCounters.scan([]) == KeyCounters()
+
+
+def test_owed_runs_are_inbox_inserts_minus_run_inserts() -> None:
+    inbox = [_insert("inbox", f"m{i}") for i in range(3)]
+    run_update = {"type": "run", "key": "run-0", "headers": {"operation": "update"}}
+    assert unanswered_messages(inbox) == 3
+    assert unanswered_messages([*inbox, _insert("run", "run-0"), run_update]) == 2
+    # Updates and deletes of a message are not new messages.
+    inbox_update = {"type": "inbox", "key": "m0", "headers": {"operation": "update"}}
+    assert unanswered_messages([inbox[0], inbox_update]) == 1
+    assert unanswered_messages([_insert("run", "run-0")]) == 0
+
+
+def _signer() -> WebhookSigner:
+    return WebhookSigner(Ed25519PrivateKey.generate())
+
+
+def test_signature_check_accepts_the_servers_own_signature_only() -> None:
+    signer, other = _signer(), _signer()
+    body = b'{"wake":1}'
+    verify_webhook_signature(signer.signature_header(body), body, signer)
+    with pytest.raises(ApiError) as refused:
+        verify_webhook_signature(signer.signature_header(body), body + b" ", signer)
+    assert (refused.value.status, refused.value.message) == (401, "Invalid webhook signature")
+    with pytest.raises(ApiError) as unknown:
+        verify_webhook_signature(other.signature_header(body), body, signer)
+    assert unknown.value.message == "Unknown webhook signing key"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (None, "Missing webhook signature"),
+        ("   ", "Missing webhook signature"),
+        ("t=1,kid=k,ed25519", "Invalid webhook signature"),
+        ("t=abc,kid=k,ed25519=x", "Invalid webhook signature"),
+        ("t=1,kid=k,ed25519=not+base64url", "Invalid webhook signature"),
+        ("t=,kid=k,ed25519=x", "Invalid webhook signature"),
+    ],
+)
+def test_malformed_signature_headers_are_401(header: str | None, message: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        verify_webhook_signature(header, b"{}", _signer())
+    assert (refused.value.status, refused.value.code, refused.value.message) == (
+        401,
+        "UNAUTHORIZED",
+        message,
+    )
+
+
+def test_signature_older_or_newer_than_five_minutes_is_expired() -> None:
+    signer = _signer()
+    now = float(int(time.time()))  # signatures carry whole seconds
+    header = signer.signature_header(b"{}", now=now)
+    verify_webhook_signature(header, b"{}", signer, now=now + 300)
+    for skew in (301, -301):
+        with pytest.raises(ApiError) as expired:
+            verify_webhook_signature(header, b"{}", signer, now=now + skew)
+        assert expired.value.message == "Webhook signature expired"
+
+
+def test_builtin_schemas_are_valid_and_accept_the_events_the_server_writes() -> None:
+    schemas = default_output_schemas()
+    for name, schema in schemas.items():
+        check_schema(schema, where=name)
+    samples: list[tuple[str, Any]] = [
+        ("entity_created", {"entity_type": "chat", "timestamp": "t", "args": {"a": [1]}}),
+        (
+            "inbox",
+            {
+                "from": "/principal/system%3Adev-local",
+                "payload": {"text": "hi"},
+                "timestamp": "t",
+                "mode": "queued",
+                "status": "pending",
+                "position": "0000001795619423256:a0",
+            },
+        ),
+        ("inbox", {"status": "processed", "processed_at": "t"}),  # a partial update
+        (
+            "signal",
+            {
+                "signal": "SIGTERM",
+                "status": "handled",
+                "sender": "/_electric/server",
+                "timestamp": "t",
+                "handled_at": "t",
+                "handled_by": "/_electric/server",
+                "outcome": "transitioned",
+                "previous_state": "idle",
+                "new_state": "stopped",
+            },
+        ),
+        ("tags", {"key": "title", "value": "Hello"}),
+        (
+            "wake",
+            {
+                "timestamp": "t",
+                "source": "/chat/a",
+                "timeout": False,
+                "changes": [{"collection": "runs", "kind": "update", "key": "run-0"}],
+                "finished_child": {"url": "/w/1", "type": "w", "run_status": "completed"},
+            },
+        ),
+        (
+            "manifest",
+            {
+                "key": "schedule:s1",
+                "kind": "schedule",
+                "id": "s1",
+                "scheduleType": "cron",
+                "expression": "* * * * *",
+                "timezone": "UTC",
+                "payload": "tick",
+                "wake": {"on": "change", "debounceMs": 5},
+            },
+        ),
+        ("manifest", {"kind": "child", "id": "c", "entity_type": "w", "entity_url": "/w/c"}),
+        (
+            "tool_call",
+            {"tool_call_id": "x", "tool_name": "bash", "status": "started", "args": {"c": 1}},
+        ),
+        ("run", {"status": "failed", "finish_reason": "error"}),
+    ]
+    for event_type, value in samples:
+        assert validation_errors(schemas[event_type], value) == [], (event_type, value)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "value"),
+    [
+        ("run", {"status": "done"}),
+        ("run", {"finish_reason": "stop"}),
+        ("run", {"status": "started", "extra": 1}),
+        ("step", {"status": "started"}),
+        ("step", {"step_number": 1.5, "status": "started"}),
+        ("text_delta", {"text_id": "msg-0", "delta": "x"}),
+        ("text", {"status": "streaming", "run_id": 3}),
+        ("manifest", {"kind": "nope", "id": "x"}),
+        ("tags", {"value": 1}),
+    ],
+)
+def test_builtin_schemas_refuse_malformed_values(event_type: str, value: Any) -> None:
+    assert validation_errors(default_output_schemas()[event_type], value) != []
