@@ -7,13 +7,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from electric_agents.agents.builtin_schemas import default_output_schemas
 from electric_agents.agents.mock_agent import (
     MOCK_REPLY,
+    ChatWake,
     KeyCounters,
+    parse_chat_wake,
     run_events,
     unanswered_messages,
     verify_webhook_signature,
@@ -212,3 +215,52 @@ def test_builtin_schemas_are_valid_and_accept_the_events_the_server_writes() -> 
 )
 def test_builtin_schemas_refuse_malformed_values(event_type: str, value: Any) -> None:
     assert validation_errors(default_output_schemas()[event_type], value) != []
+
+
+_WAKE: dict[str, Any] = {
+    "entity": {"type": "chat", "url": "/chat/a"},
+    "callback": "http://127.0.0.1:1/_electric/callback-forward/w_1",
+    "claimToken": "token",
+    "epoch": 2,
+    "wakeId": "w_1",
+    "streamPath": "/chat/a/main",
+    "streams": [{"path": "/chat/a/main", "offset": "0000000000000000_0000000000000412"}],
+}
+
+
+def test_a_forwarded_chat_wake_is_read_from_its_camel_case_fields() -> None:
+    assert parse_chat_wake(orjson.dumps(_WAKE)) == ChatWake(
+        entity_url="/chat/a",
+        stream_path="/chat/a/main",
+        offset="0000000000000000_0000000000000412",
+        callback="http://127.0.0.1:1/_electric/callback-forward/w_1",
+        claim_token="token",
+        epoch=2,
+        wake_id="w_1",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"entity": None},
+        {"entity": {"type": "chat"}},
+        {"entity": {"type": "chat", "url": ""}},
+        {"epoch": True},
+        {"epoch": 1.5},
+        {"streams": [{"path": "/chat/a/main"}]},
+        {"streams": ["x"]},
+        {"wakeId": 7},
+        {"callback": None},
+    ],
+)
+def test_a_body_missing_wake_fields_is_400(change: dict[str, Any]) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_chat_wake(orjson.dumps({**_WAKE, **change}))
+    assert (refused.value.status, refused.value.code) == (400, "INVALID_REQUEST")
+
+
+def test_a_wake_for_another_type_is_503_like_the_runtime() -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_chat_wake(orjson.dumps({**_WAKE, "entity": {"type": "horton", "url": "/horton/a"}}))
+    assert (refused.value.status, refused.value.message) == (503, "Unknown entity type: horton")

@@ -133,31 +133,41 @@ def parse_chat_wake(body: bytes) -> ChatWake:
     entity = document.get("entity")
     streams = document.get("streams")
     first = streams[0] if isinstance(streams, list) and streams else None
-    strings = {
-        name: document.get(name) for name in ("callback", "claimToken", "wakeId", "streamPath")
-    }
     epoch = document.get("epoch")
+    callback, claim_token, wake_id, stream_path = (
+        _non_empty_string(document, name)
+        for name in ("callback", "claimToken", "wakeId", "streamPath")
+    )
     if (
         not isinstance(entity, dict)
-        or not isinstance(entity.get("url"), str)
         or not isinstance(first, dict)
-        or not isinstance(first.get("offset"), str)
-        or not all(isinstance(value, str) and value for value in strings.values())
         or not isinstance(epoch, int)
         or isinstance(epoch, bool)
+        or callback is None
+        or claim_token is None
+        or wake_id is None
+        or stream_path is None
     ):
+        raise ApiError(400, "INVALID_REQUEST", "Not a wake notification for an entity")
+    entity_url, offset = _non_empty_string(entity, "url"), _non_empty_string(first, "offset")
+    if entity_url is None or offset is None:
         raise ApiError(400, "INVALID_REQUEST", "Not a wake notification for an entity")
     if entity.get("type") != CHAT_TYPE_NAME:
         raise ApiError(503, "UNKNOWN_ENTITY_TYPE", f"Unknown entity type: {entity.get('type')}")
     return ChatWake(
-        entity_url=entity["url"],
-        stream_path=strings["streamPath"],  # type: ignore[arg-type]
-        offset=first["offset"],
-        callback=strings["callback"],  # type: ignore[arg-type]
-        claim_token=strings["claimToken"],  # type: ignore[arg-type]
+        entity_url=entity_url,
+        stream_path=stream_path,
+        offset=offset,
+        callback=callback,
+        claim_token=claim_token,
         epoch=epoch,
-        wake_id=strings["wakeId"],  # type: ignore[arg-type]
+        wake_id=wake_id,
     )
+
+
+def _non_empty_string(document: dict[str, Any], name: str) -> str | None:
+    value = document.get(name)
+    return value if isinstance(value, str) and value else None
 
 
 # --- what a run writes ---------------------------------------------------------------------
