@@ -333,6 +333,51 @@ async def test_messages_sent_back_to_back_each_get_a_run(
     await wait_for_status(http, mock_server, url, "idle")
 
 
+async def test_queued_messages_are_promoted_one_run_each_and_a_paused_one_blocks_them(
+    mock_server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    url = await spawn_chat(http, mock_server)
+    send = f"{mock_server.origin}/_electric/entities{url}/send"
+    for key, mode in (("p1", "paused"), ("q1", "queued")):
+        response = await http.post(send, json={"payload": key, "key": key, "mode": mode})
+        assert response.status_code == 204, response.text
+    await send_text(http, mock_server, url, "answer me now")
+    await wait_for_runs(http, mock_server, url, 1)
+    await wait_for_status(http, mock_server, url, "idle")
+    events = await read_events(http, mock_server, f"{url}/main")
+    # The queue waits behind the paused p1: nothing promoted, only the immediate one answered.
+    assert completed_runs(events) == ["run-0"]
+    queue_events = [
+        (e["key"], e["headers"]["operation"])
+        for e in events
+        if e.get("type") == "inbox" and e["key"] in ("p1", "q1")
+    ]
+    assert queue_events == [("p1", "insert"), ("q1", "insert")]
+
+    resumed = await http.patch(
+        f"{mock_server.origin}/_electric/entities{url}/inbox/p1", json={"mode": "queued"}
+    )
+    assert resumed.status_code == 204, resumed.text
+    events = await wait_for_runs(http, mock_server, url, 3)
+    assert completed_runs(events) == ["run-0", "run-1", "run-2"]
+    promotions = [
+        (events.index(e), e["key"])
+        for e in events
+        if e.get("type") == "inbox"
+        and e["headers"]["operation"] == "update"
+        and e.get("value", {}).get("status") == "processed"
+    ]
+    assert [key for _, key in promotions] == ["p1", "q1"]
+    run_starts = {
+        e["key"]: events.index(e)
+        for e in events
+        if e.get("type") == "run" and e["headers"]["operation"] == "insert"
+    }
+    # Each promotion comes right before the run answering it.
+    assert promotions[0][0] < run_starts["run-1"] < promotions[1][0] < run_starts["run-2"]
+    assert_state_protocol(events)
+
+
 async def test_chats_are_answered_independently(
     mock_server: ServerProcess, http: httpx.AsyncClient
 ) -> None:

@@ -15,10 +15,12 @@ from electric_agents.agents.builtin_schemas import default_output_schemas
 from electric_agents.agents.mock_agent import (
     MOCK_REPLY,
     ChatWake,
+    InboxState,
     KeyCounters,
+    inbox_state,
     parse_chat_wake,
+    promotion_event,
     run_events,
-    unanswered_messages,
     verify_webhook_signature,
 )
 from electric_agents.agents.schemas import check_schema, validation_errors
@@ -73,15 +75,49 @@ def test_counters_continue_after_the_highest_key_of_each_family() -> None:
     assert KeyCounters.scan([]) == KeyCounters()
 
 
-def test_owed_runs_are_inbox_inserts_minus_run_inserts() -> None:
-    inbox = [_insert("inbox", f"m{i}") for i in range(3)]
+def _message(key: str, status: str = "processed", **value: Any) -> dict[str, Any]:
+    return {
+        "type": "inbox",
+        "key": key,
+        "value": {"status": status, **value},
+        "headers": {"operation": "insert"},
+    }
+
+
+def _inbox(operation: str, key: str, **value: Any) -> dict[str, Any]:
+    return {"type": "inbox", "key": key, "value": value, "headers": {"operation": operation}}
+
+
+def test_runs_owed_are_processed_messages_minus_runs_started() -> None:
+    inbox = [_message(f"m{i}") for i in range(3)]
     run_update = {"type": "run", "key": "run-0", "headers": {"operation": "update"}}
-    assert unanswered_messages(inbox) == 3
-    assert unanswered_messages([*inbox, _insert("run", "run-0"), run_update]) == 2
-    # Updates and deletes of a message are not new messages.
-    inbox_update = {"type": "inbox", "key": "m0", "headers": {"operation": "update"}}
-    assert unanswered_messages([inbox[0], inbox_update]) == 1
-    assert unanswered_messages([_insert("run", "run-0")]) == 0
+    assert inbox_state(inbox) == InboxState(unanswered=3, queue_head=None)
+    assert inbox_state([*inbox, _insert("run", "run-0"), run_update]).unanswered == 2
+    # Updates of a message are not new messages; a run with no message owes nothing back.
+    assert inbox_state([inbox[0], _inbox("update", "m0", status="processed")]).unanswered == 1
+    assert inbox_state([_insert("run", "run-0")]).unanswered == 0
+    # A processed message deleted later was still answered.
+    answered = [inbox[0], _insert("run", "run-0"), _inbox("delete", "m0")]
+    assert inbox_state([*answered, inbox[1]]).unanswered == 1
+
+
+def test_queued_messages_wait_in_position_order_behind_a_paused_one() -> None:
+    queued = [
+        _message("q-late", "pending", mode="queued", position="0000000000002:a0"),
+        _message("q-early", "pending", mode="queued", position="0000000000001:a0"),
+    ]
+    assert inbox_state(queued) == InboxState(unanswered=0, queue_head="q-early")
+    paused = _message("p", "pending", mode="paused", position="0000000000000:a0")
+    assert inbox_state([*queued, paused]).queue_head is None
+    # Unpausing (PATCH) or deleting the paused head lets the queue move.
+    assert inbox_state([*queued, paused, _inbox("delete", "p")]).queue_head == "q-early"
+    resumed = _inbox("update", "p", mode="queued")
+    assert inbox_state([*queued, paused, resumed]).queue_head == "p"
+    # Promotion makes the head a processed message that is owed a run.
+    promoted = promotion_event("q-early", "2026-01-01T00:00:00.000Z")
+    assert promoted["value"] == {"status": "processed", "processed_at": "2026-01-01T00:00:00.000Z"}
+    assert promoted["headers"]["operation"] == "update"
+    assert inbox_state([*queued, promoted]) == InboxState(unanswered=1, queue_head="q-late")
 
 
 def _signer() -> WebhookSigner:

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from electric_agents.agents.builtin_schemas import default_output_schemas
 from electric_agents.agents.entity_types import register_entity_type
+from electric_agents.agents.events import iso_from_datetime
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
 from electric_agents.streams.signing import WebhookSigner, b64url_decode
@@ -51,6 +53,8 @@ MODEL_ID = "mock-chat"
 # spec/02 §1.5: on shutdown in-flight wakes get this long to finish, then are cancelled.
 DRAIN_TIMEOUT_S = 5.0
 SIGNATURE_TOLERANCE_S = 300
+# A bound on queued messages answered in one wake; the rest wait for the next one.
+MAX_PROMOTIONS_PER_WAKE = 100
 _SIGNATURE_VALUE = re.compile(r"^[A-Za-z0-9_-]+$")
 _COUNTER_KEY = re.compile(r"^(run|step|msg|tc)-(\d+)")
 
@@ -194,12 +198,57 @@ class KeyCounters:
         return counters
 
 
-def unanswered_messages(events: list[Any]) -> int:
-    """Inbox messages without a run yet: the mock answers each message with exactly one
-    run, so counting beats positions (a message may land between a run's events)."""
-    inbox = sum(1 for event in events if _is_insert(event, "inbox"))
-    runs = sum(1 for event in events if _is_insert(event, "run"))
-    return max(inbox - runs, 0)
+@dataclass(frozen=True)
+class InboxState:
+    """What the stream says the agent owes: `unanswered` runs for messages already
+    processed, then `queue_head`, the queued message to promote next (spec/04 §1.16)."""
+
+    unanswered: int
+    queue_head: str | None
+
+
+def inbox_state(events: list[Any]) -> InboxState:
+    """The mock answers each processed message with exactly one run, so the runs owed are
+    messages ever processed minus runs started: counting, not positions, since a message
+    may land between a run's events. Pending messages wait in `position` order; a `paused`
+    one blocks the queue, a deleted one leaves it."""
+    rows: dict[str, dict[str, Any]] = {}
+    processed: set[str] = set()
+    runs = 0
+    for event in events:
+        if not isinstance(event, dict) or not isinstance(event.get("key"), str):
+            continue
+        headers = event.get("headers")
+        operation = headers.get("operation") if isinstance(headers, dict) else None
+        value = event.get("value")
+        if event.get("type") == "run" and operation == "insert":
+            runs += 1
+        if event.get("type") != "inbox":
+            continue
+        key = event["key"]
+        if operation == "delete":
+            rows.pop(key, None)
+            continue
+        if operation == "insert":
+            rows[key] = {}
+        if key in rows and isinstance(value, dict):
+            rows[key].update(value)  # updates are partial (spec/04 §1.4)
+        if key in rows and rows[key].get("status") == "processed":
+            processed.add(key)
+    pending = sorted(
+        (str(row.get("position", "")), index, key)
+        for index, (key, row) in enumerate(rows.items())
+        if row.get("status") == "pending"
+    )
+    head = pending[0][2] if pending else None
+    if head is not None and rows[head].get("mode") == "paused":
+        head = None
+    return InboxState(unanswered=max(len(processed) - runs, 0), queue_head=head)
+
+
+def promotion_event(message_key: str, now: str) -> dict[str, Any]:
+    """The inbox update that takes a queued message off the queue."""
+    return _event("inbox", message_key, {"status": "processed", "processed_at": now}, "update")
 
 
 def _is_insert(event: Any, event_type: str) -> bool:
@@ -330,25 +379,38 @@ class MockChatAgent:
     async def _process(self, wake: ChatWake) -> None:
         write_token = await self._claim(wake)
         try:
+            producer = _IdempotentProducer(
+                self._runtime.http,
+                self._runtime.public_url + wake.stream_path,
+                producer_id=f"entity-{wake.entity_url}",
+                epoch=wake.epoch,
+                write_token=write_token,
+            )
             events = await self._read_stream(wake.stream_path)
-            unanswered = unanswered_messages(events)
-            if unanswered:
-                producer = _IdempotentProducer(
-                    self._runtime.http,
-                    self._runtime.public_url + wake.stream_path,
-                    producer_id=f"entity-{wake.entity_url}",
-                    epoch=wake.epoch,
-                    write_token=write_token,
-                )
-                counters = KeyCounters.scan(events)
-                for _ in range(unanswered):
-                    for event in run_events(counters):
-                        await producer.append(event)
+            state = inbox_state(events)
+            counters = KeyCounters.scan(events)
+            for _ in range(state.unanswered):
+                await self._write_run(producer, counters)
+            # Then the queue, one message per run, re-reading in between: a client may
+            # reorder, pause or delete queued messages meanwhile.
+            for _ in range(MAX_PROMOTIONS_PER_WAKE):
+                if state.queue_head is None or self._stopping:
+                    break
+                now = iso_from_datetime(datetime.now(UTC))
+                await producer.append(promotion_event(state.queue_head, now))
+                await self._write_run(producer, counters)
+                events = await self._read_stream(wake.stream_path)
+                state = inbox_state(events)
         finally:
             if not self._stopping:
                 # On shutdown the wake is left to its lease, so it is delivered again
                 # (the runtime skips done when aborted, spec/04 §1.5 step 8).
                 await self._done(wake)
+
+    @staticmethod
+    async def _write_run(producer: _IdempotentProducer, counters: KeyCounters) -> None:
+        for event in run_events(counters):
+            await producer.append(event)
 
     async def _claim(self, wake: ChatWake) -> str:
         response = await self._runtime.http.post(
