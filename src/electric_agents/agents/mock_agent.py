@@ -4,9 +4,10 @@ It is an ordinary webhook handler that happens to live in the server process: it
 the forwarded wake's signature, answers `{"ok":true}` at once, and then, in a task of its
 own, does what the TypeScript runtime does (spec/04 §1.5) over real HTTP on the server's
 public URL: claim through the `callback` with the claim token, read the entity's main
-stream, append one run per unanswered inbox message with the write token through an
-idempotent producer, and report done. Nothing here reaches into the stores, so the mock
-exercises the same dispatch path as any external handler.
+stream, append one run per unanswered inbox message (then promote queued messages one at a
+time) with the write token through an idempotent producer, and report done. Nothing here
+reaches into the stores, so the mock exercises the same dispatch path as any external
+handler.
 
 A run is the lifecycle the runtime's outbound bridge writes for a one-text reply: run,
 step and text inserts, `text_delta` inserts of at most 10 characters, then the text, step
@@ -375,6 +376,9 @@ class MockChatAgent:
                 type(error).__name__,
                 error,
             )
+        except Exception:
+            # Anything else is a bug here; the wake ends by its lease and is delivered again.
+            log.exception("mock agent wake %s of %s failed", wake.wake_id, wake.entity_url)
 
     async def _process(self, wake: ChatWake) -> None:
         write_token = await self._claim(wake)
