@@ -388,6 +388,24 @@ async def test_chats_are_answered_independently(
         assert completed_runs(events) == ["run-0"]  # counters are per entity
 
 
+async def test_a_chat_killed_mid_conversation_stays_killed(
+    mock_server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    url = await spawn_chat(http, mock_server)
+    await send_text(http, mock_server, url, "hi")
+    killed = await http.delete(f"{mock_server.origin}/_electric/entities{url}")
+    assert killed.status_code == 200, killed.text
+    # Whatever the agent was doing, its claim, writes or done must not revive the entity.
+    other = await spawn_chat(http, mock_server)
+    await send_text(http, mock_server, other, "still there?")
+    await wait_for_runs(http, mock_server, other, 1)
+    await wait_for_status(http, mock_server, url, "killed")
+    # The kill closed the stream, so nothing of a later run can follow the closing signal.
+    events = await read_events(http, mock_server, f"{url}/main")
+    last_signal = max(i for i, e in enumerate(events) if e.get("type") == "signal")
+    assert all(e.get("type") not in ("run", "step", "text") for e in events[last_signal + 1 :])
+
+
 async def test_after_a_restart_the_agent_continues_the_key_counters(
     mock_server: ServerProcess, http: httpx.AsyncClient
 ) -> None:
