@@ -18,11 +18,8 @@ import pytest
 
 from agents_support import mint_token, read_events, unique_id
 from conftest import ServerFactory, ServerProcess
-from electric_agents.agents.mock_agent import (
-    CHAT_DESCRIPTION,
-    MOCK_AGENT_HANDLER_PATH,
-    MOCK_REPLY,
-)
+from electric_agents.agents.mock_agent import CHAT_DESCRIPTION, MOCK_AGENT_HANDLER_PATH
+from electric_agents.agents.mock_chat_runs import MOCK_REPLY
 from electric_agents.streams.signing import WebhookSigner
 
 WAIT_S = 10.0  # what the conformance suite allows for a reply

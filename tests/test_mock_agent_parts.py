@@ -12,16 +12,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from electric_agents.agents.builtin_schemas import default_output_schemas
-from electric_agents.agents.mock_agent import (
+from electric_agents.agents.mock_agent import ChatWake, parse_chat_wake, verify_webhook_signature
+from electric_agents.agents.mock_chat_runs import (
     MOCK_REPLY,
-    ChatWake,
     InboxState,
     KeyCounters,
     inbox_state,
-    parse_chat_wake,
     promotion_event,
     run_events,
-    verify_webhook_signature,
 )
 from electric_agents.agents.schemas import check_schema, validation_errors
 from electric_agents.errors import ApiError
