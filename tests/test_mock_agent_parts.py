@@ -4,15 +4,26 @@ the events the server and the runtime write (spec/02 §4.4, §4.14, §8; spec/04
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
 
+import httpx
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from electric_agents.agents import mock_agent
 from electric_agents.agents.builtin_schemas import default_output_schemas
-from electric_agents.agents.mock_agent import ChatWake, parse_chat_wake, verify_webhook_signature
+from electric_agents.agents.mock_agent import (
+    ChatWake,
+    MockChatAgent,
+    parse_chat_wake,
+    verify_webhook_signature,
+)
 from electric_agents.agents.mock_chat_runs import (
     MOCK_REPLY,
     InboxState,
@@ -298,3 +309,125 @@ def test_a_wake_for_another_type_is_503_like_the_runtime() -> None:
     with pytest.raises(ApiError) as refused:
         parse_chat_wake(orjson.dumps({**_WAKE, "entity": {"type": "horton", "url": "/horton/a"}}))
     assert (refused.value.status, refused.value.message) == (503, "Unknown entity type: horton")
+
+
+# --- the agent's task lifecycle, against a real local HTTP endpoint -----------------------------
+
+
+class Callback:
+    """A local HTTP endpoint standing in for the server's callback-forward route: it records
+    each request line and body, and answers after `delay_s` with `status`."""
+
+    def __init__(self, status: int, delay_s: float) -> None:
+        self.status = status
+        self.delay_s = delay_s
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> Callback:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 1)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            self.requests.append(await reader.readexactly(length))
+            await asyncio.sleep(self.delay_s)
+            body = b'{"error":{"code":"UNAUTHORIZED","message":"no"}}'
+            writer.write(
+                f"HTTP/1.1 {self.status} X\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def http_client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        yield client
+
+
+def _agent(http_client: httpx.AsyncClient, port: int) -> tuple[MockChatAgent, WebhookSigner]:
+    signer = _signer()
+    # The agent needs only the runtime's client and public URL once a wake is accepted.
+    runtime = SimpleNamespace(http=http_client, public_url=f"http://127.0.0.1:{port}")
+    return MockChatAgent(cast(Any, runtime), signer), signer
+
+
+def _deliver(agent: MockChatAgent, signer: WebhookSigner, port: int) -> dict[str, Any]:
+    wake = {**_WAKE, "callback": f"http://127.0.0.1:{port}/_electric/callback-forward/w_1"}
+    body = orjson.dumps(wake)
+    return agent.accept_webhook({"webhook-signature": signer.signature_header(body)}, body)
+
+
+async def test_stop_cancels_a_wake_still_running_after_the_drain_time_and_sends_no_done(
+    http_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mock_agent, "DRAIN_TIMEOUT_S", 0.3)
+    callback = await Callback(status=200, delay_s=30).start()
+    try:
+        agent, signer = _agent(http_client, callback.port)
+        assert _deliver(agent, signer, callback.port) == {"ok": True}
+        while not callback.requests:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await agent.stop()
+        assert time.monotonic() - started < 2
+        assert [orjson.loads(body) for body in callback.requests] == [
+            {"epoch": 2, "wakeId": "w_1"}  # the claim only: no done after an abort
+        ]
+        with pytest.raises(ApiError) as refused:
+            _deliver(agent, signer, callback.port)
+        assert (refused.value.status, refused.value.code) == (503, "SERVER_STOPPING")
+    finally:
+        await callback.close()
+
+
+async def test_stop_waits_for_a_wake_that_finishes_within_the_drain_time(
+    http_client: httpx.AsyncClient,
+) -> None:
+    # The claim is refused after a moment: the wake ends (given up) on its own.
+    callback = await Callback(status=401, delay_s=0.3).start()
+    try:
+        agent, signer = _agent(http_client, callback.port)
+        _deliver(agent, signer, callback.port)
+        while not callback.requests:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await agent.stop()
+        assert 0.1 < time.monotonic() - started < 2
+        assert len(callback.requests) == 1  # a refused claim is not followed by done
+    finally:
+        await callback.close()
+
+
+async def test_wakes_of_one_entity_run_one_at_a_time(http_client: httpx.AsyncClient) -> None:
+    callback = await Callback(status=401, delay_s=0.3).start()
+    try:
+        agent, signer = _agent(http_client, callback.port)
+        _deliver(agent, signer, callback.port)
+        _deliver(agent, signer, callback.port)  # a redelivery of the same entity's wake
+        await asyncio.sleep(0.2)
+        assert len(callback.requests) == 1  # the second waits for the first
+        deadline = time.monotonic() + 5
+        while len(callback.requests) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(callback.requests) == 2
+        await agent.stop()
+    finally:
+        await callback.close()
