@@ -33,6 +33,7 @@ from electric_agents.agents.mock_chat_runs import (
     run_events,
 )
 from electric_agents.agents.schemas import check_schema, validation_errors
+from electric_agents.config import load_settings
 from electric_agents.errors import ApiError
 from electric_agents.streams.signing import WebhookSigner
 
@@ -431,3 +432,20 @@ async def test_wakes_of_one_entity_run_one_at_a_time(http_client: httpx.AsyncCli
         await agent.stop()
     finally:
         await callback.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ", "enabled"),
+    [
+        (None, {}, False),
+        (None, {"ELECTRIC_AGENTS_MOCK_AGENT": "1"}, True),
+        (None, {"ELECTRIC_AGENTS_MOCK_AGENT": " TRUE "}, True),
+        (None, {"ELECTRIC_AGENTS_MOCK_AGENT": "0"}, False),
+        (None, {"ELECTRIC_AGENTS_MOCK_AGENT": "  "}, False),
+        (True, {}, True),
+    ],
+)
+def test_mock_agent_setting_from_flag_or_environment(
+    flag: bool | None, environ: dict[str, str], enabled: bool
+) -> None:
+    assert load_settings(mock_agent=flag, environ=environ).mock_agent is enabled
