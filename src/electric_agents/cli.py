@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser("serve", help="run the agents server (streams at the root)")
     _add_server_flags(serve)
+    serve.add_argument(
+        "--mock-agent",
+        action="store_true",
+        default=None,
+        help="register the built-in mock `chat` agent (or ELECTRIC_AGENTS_MOCK_AGENT=1)",
+    )
     streams = commands.add_parser(
         "streams", help="run the Durable Streams server alone, at /v1/stream"
     )
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             base_url=args.base_url,
             stream_prefix="/v1/stream" if args.command == "streams" else "",
             subscriptions=True,
+            mock_agent=getattr(args, "mock_agent", None),
         )
     except ConfigError as error:
         print(f"electric-agents: error: {error}", file=sys.stderr)

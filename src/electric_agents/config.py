@@ -41,6 +41,8 @@ class Settings:
     # Without an `electric-principal` header, act as `system:dev-local` (spec/02 §5.1) unless
     # the deployment requires the header.
     require_principal: bool = False
+    # The built-in mock `chat` agent (spec/02 §4.14) and its handler route.
+    mock_agent: bool = False
 
     @property
     def public_url(self) -> str:
@@ -102,6 +104,7 @@ def load_settings(
     base_url: str | None = None,
     stream_prefix: str = "",
     subscriptions: bool = True,
+    mock_agent: bool | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
     """Resolve settings from explicit values (flags) and the environment."""
@@ -126,6 +129,9 @@ def load_settings(
     require_principal = (
         env_value("ELECTRIC_AGENTS_REQUIRE_PRINCIPAL", environ=environ) or ""
     ).lower() == "true"
+    if mock_agent is None:
+        raw_mock = env_value("ELECTRIC_AGENTS_MOCK_AGENT", environ=environ) or ""
+        mock_agent = raw_mock.lower() in ("1", "true", "yes", "on")
     return Settings(
         host=pick(host, "ELECTRIC_AGENTS_HOST", "HOST") or "127.0.0.1",
         port=parse_port(raw_port, allow_zero=True) if raw_port else DEFAULT_PORT,
@@ -144,4 +150,5 @@ def load_settings(
         subscriptions=subscriptions,
         tenant_id=tenant or "default",
         require_principal=require_principal,
+        mock_agent=mock_agent,
     )

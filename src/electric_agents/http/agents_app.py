@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from electric_agents.agents.mock_agent import MockChatAgent
 from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
@@ -14,6 +15,7 @@ from electric_agents.http import (
     routes_entity_bridges,
     routes_entity_types,
     routes_fork,
+    routes_mock_agent,
     routes_runners,
     routes_schedules,
     routes_signals,
@@ -41,12 +43,16 @@ async def health(_request: Request) -> Response:
 
 
 def control_routes(
-    runtime: AgentsRuntime, subscriptions: SubscriptionService | None = None
+    runtime: AgentsRuntime,
+    subscriptions: SubscriptionService | None = None,
+    mock_agent: MockChatAgent | None = None,
 ) -> list[Route]:
     """Every `/_electric` route, in match order (spec/02 §3.8). The wake dispatch routes
-    exist when the server runs its subscription service."""
+    exist when the server runs its subscription service, the mock agent's when enabled."""
     dispatch = routes_dispatch.routes(runtime, subscriptions) if subscriptions else []
+    mock = routes_mock_agent.routes(mock_agent) if mock_agent else []
     return [
+        *mock,
         Route("GET", "/_electric/health", health),
         Route("HEAD", "/_electric/health", health),
         *routes_entity_types.routes(runtime),
@@ -63,10 +69,13 @@ def control_routes(
 
 class AgentsApp:
     def __init__(
-        self, runtime: AgentsRuntime, subscriptions: SubscriptionService | None = None
+        self,
+        runtime: AgentsRuntime,
+        subscriptions: SubscriptionService | None = None,
+        mock_agent: MockChatAgent | None = None,
     ) -> None:
         self.runtime = runtime
-        self.router = Router(control_routes(runtime, subscriptions))
+        self.router = Router(control_routes(runtime, subscriptions, mock_agent))
 
     def resolve_principal(self, headers: dict[str, str]) -> Principal:
         raw = headers.get("electric-principal")

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from electric_agents.agents.mock_agent import MockChatAgent
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.stream_policy import EntityStreamPolicy
 from electric_agents.agents.wake_dispatch import EntityWebhookForwarder
@@ -37,6 +38,7 @@ class ServerApp:
         self.subscriptions: SubscriptionService | None = None
         self.agents: AgentsRuntime | None = None
         self.agents_app: AgentsApp | None = None
+        self.mock_agent: MockChatAgent | None = None
         self.ready = False
         # Called once the server accepts requests (the CLI prints its banner here).
         self.on_ready: Callable[[], None] | None = None
@@ -63,8 +65,10 @@ class ServerApp:
             control_app = SubscriptionsApp(self.subscriptions, prefix=self.settings.stream_prefix)
         append_policy: EntityStreamPolicy | None = None
         if self.agents is not None:
+            if self.settings.mock_agent and self.subscriptions is not None:
+                self.mock_agent = MockChatAgent(self.agents, self.subscriptions.signer)
             # Built before the stream app: entity stream appends go through its policy.
-            self.agents_app = AgentsApp(self.agents, self.subscriptions)
+            self.agents_app = AgentsApp(self.agents, self.subscriptions, self.mock_agent)
             append_policy = EntityStreamPolicy(self.agents)
         self.streams_app = StreamsApp(
             self.engine,
@@ -76,6 +80,8 @@ class ServerApp:
         )
         if self.agents is not None:
             await self.agents.start()
+        if self.mock_agent is not None:
+            await self.mock_agent.start()
         self.ready = True
         if self.on_ready is not None:
             self.on_ready()
@@ -87,6 +93,8 @@ class ServerApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self.mock_agent is not None:
+            await self.mock_agent.stop()  # before the runtime's http client closes
         if self.agents is not None:
             await self.agents.stop()
         if self.subscriptions is not None:
