@@ -38,6 +38,7 @@ from electric_agents.agents.entity_store import (
     insert_entity,
     now_ms,
 )
+from electric_agents.agents.manifests import materialize
 from electric_agents.agents.principal_entities import reject_principal_mutation
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
@@ -220,10 +221,16 @@ async def _fork_if_quiet(
         for forked in forks:
             if not await insert_entity(conn, tenant, forked):
                 raise ApiError(409, "DUPLICATE_URL", f'Entity already exists at URL "{forked.url}"')
-        for forked in forks:
+        for entity, forked in zip(subtree, forks, strict=True):
             await link_dispatch(
                 conn, tenant, forked, on_subscription_created=runtime.on_subscription_created
             )
+            # Wakes, entity sources, future sends and cron chains of the forked manifests.
+            remapped = dict(
+                _remap_manifest(key, value, names)
+                for key, value in snapshots[entity.url]["manifest"].items()
+            )
+            await materialize(tx, tenant, forked, remapped)
     return ForkResult(root=forks[0], entities=forks)
 
 

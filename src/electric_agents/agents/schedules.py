@@ -193,12 +193,12 @@ async def sync_manifest_schedules(runtime: AgentsRuntime, owner: Entity, events:
         value = event.get("value")
         try:
             async with runtime.engine.transaction() as tx:
-                await _sync_manifest_entry(tx, runtime.tenant_id, owner, key, operation, value)
+                await sync_manifest_entry(tx, runtime.tenant_id, owner, key, operation, value)
         except ApiError as error:
             log.warning("manifest entry %s of %s not scheduled: %s", key, owner.url, error)
 
 
-async def _sync_manifest_entry(
+async def sync_manifest_entry(
     tx: StreamTransaction,
     tenant: str,
     owner: Entity,

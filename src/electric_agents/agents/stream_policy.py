@@ -24,7 +24,8 @@ from electric_agents.agents.consumer_callback_store import has_consumer_callback
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.events import stream_path
-from electric_agents.agents.manifest_wakes import has_manifest_events, sync_manifest_wakes
+from electric_agents.agents.manifest_wakes import has_manifest_events
+from electric_agents.agents.manifests import sync_in_transaction
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedules import sync_manifest_schedules
 from electric_agents.agents.schemas import validation_errors
@@ -129,7 +130,7 @@ class EntityStreamPolicy:
             if result.status == 200 or "Producer-Epoch" not in result.headers:
                 await evaluate_wakes(tx, tenant, source_url, events)
                 if has_manifests:
-                    await sync_manifest_wakes(tx.conn, tenant, source_url, events)
+                    await sync_in_transaction(tx.conn, tenant, source_url, events)
 
         return InTransaction(evaluate, also_appends_to=subscriber_streams)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from electric_agents.agents.manifests import ManifestRehydrator
 from electric_agents.agents.mock_agent import MockChatAgent
 from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
@@ -51,6 +52,7 @@ def control_routes(
     exist when the server runs its subscription service, the mock agent's when enabled."""
     dispatch = routes_dispatch.routes(runtime, subscriptions) if subscriptions else []
     mock = routes_mock_agent.routes(mock_agent) if mock_agent else []
+    runtime.add_worker("manifest-rehydration", ManifestRehydrator(runtime).run)
     return [
         *mock,
         Route("GET", "/_electric/health", health),
