@@ -8,6 +8,7 @@ import logging
 from electric_agents.agents.manifests import ManifestRehydrator
 from electric_agents.agents.mock_agent import MockChatAgent
 from electric_agents.agents.principals import DEV_PRINCIPAL, Principal, parse_principal
+from electric_agents.agents.recovery import RecoverySweep
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.errors import ApiError
 from electric_agents.http import (
@@ -53,6 +54,7 @@ def control_routes(
     dispatch = routes_dispatch.routes(runtime, subscriptions) if subscriptions else []
     mock = routes_mock_agent.routes(mock_agent) if mock_agent else []
     runtime.add_worker("manifest-rehydration", ManifestRehydrator(runtime).run)
+    runtime.add_worker("recovery-sweep", RecoverySweep(runtime).run)
     return [
         *mock,
         Route("GET", "/_electric/health", health),

@@ -1,0 +1,114 @@
+"""The recovery sweep (agents/recovery.py) against a real `electric-agents serve`: after a
+kill -9, entities whose run nothing is running any more are finished, entities with a live
+wake or a recent start are left alone, and registrations of terminal subscribers go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from agents_support import TENANT, eventually, is_closed, status_of, unique_id
+from conftest import ServerFactory, ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+LONG_AGO_MS = 1_000_000  # an updated_at far before any grace period
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def server(server_factory: ServerFactory) -> ServerProcess:
+    return server_factory("serve")
+
+
+@pytest.fixture
+async def db(server: ServerProcess) -> AsyncIterator[Any]:
+    assert server.database_url is not None
+    conn = await asyncpg.connect(server.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def spawn(http: httpx.AsyncClient, server: ServerProcess, kind: str) -> str:
+    answer = await http.put(server.origin + f"/_electric/entities/{kind}/{unique_id()}", json={})
+    assert answer.status_code == 201, answer.text
+    url: str = answer.json()["url"]
+    return url
+
+
+async def force(db: Any, url: str, status: str, updated_at: int) -> None:
+    await db.execute(
+        "UPDATE entities SET status = $3, updated_at = $4 WHERE tenant_id = $1 AND url = $2",
+        TENANT,
+        url,
+        status,
+        updated_at,
+    )
+
+
+async def test_stranded_runs_are_finished_after_a_crash(
+    http: httpx.AsyncClient, server: ServerProcess, db: Any
+) -> None:
+    kind = unique_id("recovered").replace("-", "_")
+    registered = await http.post(
+        server.origin + "/_electric/entity-types", json={"name": kind, "description": "t"}
+    )
+    assert registered.status_code == 201
+    stranded_running = await spawn(http, server, kind)
+    stranded_stopping = await spawn(http, server, kind)
+    just_started = await spawn(http, server, kind)
+    with_live_wake = await spawn(http, server, kind)
+    killed_subscriber = await spawn(http, server, kind)
+
+    server.kill9()
+    await force(db, stranded_running, "running", LONG_AGO_MS)
+    await force(db, stranded_stopping, "stopping", LONG_AGO_MS)
+    recent = int(await db.fetchval("SELECT (extract(epoch FROM now()) * 1000)::bigint"))
+    await force(db, just_started, "running", recent)
+    await force(db, with_live_wake, "running", LONG_AGO_MS)
+    await db.execute(
+        """
+        INSERT INTO ds_subscriptions (id, type, webhook_url, lease_ttl_ms, config_hash,
+                                      wake_id, wake_state, wake_path)
+        VALUES ($1, 'webhook', 'http://127.0.0.1:9/', 30000, 'x', 'w-live', 'delivered', $2)
+        """,
+        unique_id("sub"),
+        with_live_wake.lstrip("/") + "/main",
+    )
+    await force(db, killed_subscriber, "killed", LONG_AGO_MS)
+    await db.execute(
+        """
+        INSERT INTO wake_registrations (tenant_id, subscriber_url, source_url, condition)
+        VALUES ($1, $2, $3, '"runFinished"'::jsonb)
+        """,
+        TENANT,
+        killed_subscriber,
+        stranded_running,
+    )
+    server.restart()
+
+    async def recovered() -> bool:
+        return await status_of(db, stranded_running) == "idle"
+
+    await eventually(recovered, "the stranded run to finish")
+    assert await status_of(db, stranded_stopping) == "stopped"
+    # stopping -> stopped is a full terminal entry: streams closed.
+    assert await is_closed(http, server, f"{stranded_stopping}/main")
+    assert await status_of(db, just_started) == "running"
+    assert await status_of(db, with_live_wake) == "running"
+    left = await db.fetchval(
+        "SELECT count(*) FROM wake_registrations WHERE subscriber_url = $1", killed_subscriber
+    )
+    assert left == 0
