@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,34 @@ async def register_type(
         body["state_schemas"] = state_schemas
     response = await http.post(f"{server.origin}/_electric/entity-types", json=body)
     assert response.status_code == 201, response.text
+
+
+async def new_type(http: httpx.AsyncClient, server: ServerProcess, prefix: str = "kind") -> str:
+    """Register a type with a fresh name; returns the name."""
+    name = unique_id(prefix).replace("-", "_")
+    await register_type(http, server, name)
+    return name
+
+
+async def spawn_entity(
+    http: httpx.AsyncClient, server: ServerProcess, type_name: str, **body: Any
+) -> dict[str, Any]:
+    """Spawn a new entity of `type_name` with `body`; returns the public entity."""
+    url = f"{server.origin}/_electric/entities/{type_name}/{unique_id()}"
+    response = await http.put(url, json=body)
+    assert response.status_code == 201, response.text
+    entity: dict[str, Any] = response.json()
+    return entity
+
+
+async def db_connection(server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
+    """Body of a `db` fixture: a connection to the server's database."""
+    assert server.database_url is not None
+    conn = await asyncpg.connect(server.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def spawn(http: httpx.AsyncClient, server: ServerProcess, type_name: str) -> httpx.Response:

@@ -332,6 +332,14 @@ def client() -> Iterator[httpx.Client]:
         yield http
 
 
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """An async client with room for concurrent requests."""
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        yield client
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Attach each server's log tail to a failing test's report."""

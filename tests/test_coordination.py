@@ -7,7 +7,6 @@ every result exactly once, whichever process took the append.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.timeout(120)
 
 WORKERS = 12
 RESULTS_PER_WORKER = 5
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_connections=64)) as client:
-        yield client
 
 
 async def test_fan_in_over_shared_state_wakes_once_per_result_across_two_processes(

@@ -15,7 +15,15 @@ import asyncpg
 import httpx
 import pytest
 
-from agents_support import attach_log, eventually, mint_token, module_serve_server, unique_id
+from agents_support import (
+    attach_log,
+    db_connection,
+    eventually,
+    mint_token,
+    module_serve_server,
+    new_type,
+    spawn_entity,
+)
 from conftest import ServerFactory, ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -27,41 +35,13 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture
 async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     attach_log(request, server)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
+    async for conn in db_connection(server):
         yield conn
-    finally:
-        await conn.close()
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-async def register_kind(http: httpx.AsyncClient, server: ServerProcess) -> str:
-    kind = unique_id("member").replace("-", "_")
-    answer = await http.post(
-        server.origin + "/_electric/entity-types", json={"name": kind, "description": "t"}
-    )
-    assert answer.status_code == 201, answer.text
-    return kind
-
-
-async def spawn(
-    http: httpx.AsyncClient, server: ServerProcess, kind: str, tags: dict[str, str]
-) -> str:
-    url = f"/{kind}/{unique_id()}"
-    answer = await http.put(server.origin + f"/_electric/entities{url}", json={"tags": tags})
-    assert answer.status_code == 201, answer.text
-    return url
 
 
 async def register(
@@ -139,12 +119,12 @@ async def test_source_ref_matches_the_typescript_runtime(
 async def test_registration_lists_current_members_only(
     http: httpx.AsyncClient, server: ServerProcess
 ) -> None:
-    kind = await register_kind(http, server)
+    kind = await new_type(http, server, "member")
     team = uuid.uuid4().hex
-    inside = await spawn(http, server, kind, {"team": team, "role": "worker"})
-    also_inside = await spawn(http, server, kind, {"team": team})
-    await spawn(http, server, kind, {"team": "other"})
-    await spawn(http, server, kind, {})
+    inside = (await spawn_entity(http, server, kind, tags={"team": team, "role": "worker"}))["url"]
+    also_inside = (await spawn_entity(http, server, kind, tags={"team": team}))["url"]
+    (await spawn_entity(http, server, kind, tags={"team": "other"}))["url"]
+    (await spawn_entity(http, server, kind, tags={}))["url"]
 
     source = await register(http, server, {"team": team})
     events = await members_events(http, server, source["streamUrl"])
@@ -178,13 +158,13 @@ async def test_registration_lists_current_members_only(
 async def test_changes_after_registration_become_members_events(
     http: httpx.AsyncClient, server: ServerProcess, db: Any
 ) -> None:
-    kind = await register_kind(http, server)
+    kind = await new_type(http, server, "member")
     team = uuid.uuid4().hex
     source = await register(http, server, {"team": team})
     stream = source["streamUrl"]
 
-    first = await spawn(http, server, kind, {"team": team})
-    outsider = await spawn(http, server, kind, {})
+    first = (await spawn_entity(http, server, kind, tags={"team": team}))["url"]
+    outsider = (await spawn_entity(http, server, kind, tags={}))["url"]
     await wait_for_members(http, server, stream, {first: "idle"})
 
     # A tag that makes an entity match brings it in; removing it takes it out.
@@ -261,12 +241,12 @@ async def test_two_processes_write_each_change_once(
     entity, whichever process's drainer takes them."""
     first = server_factory("serve")
     second = server_factory("serve", database_url=first.database_url)
-    kind = await register_kind(http, first)
+    kind = await new_type(http, first, "member")
     team = uuid.uuid4().hex
     source = await register(http, first, {"team": team})
 
     async def churn(server: ServerProcess) -> str:
-        url = await spawn(http, server, kind, {"team": team})
+        url = (await spawn_entity(http, server, kind, tags={"team": team}))["url"]
         for signal in ("SIGSTOP", "SIGCONT", "SIGSTOP"):
             answer = await http.post(
                 server.origin + f"/_electric/entities{url}/signal", json={"signal": signal}
@@ -292,10 +272,10 @@ async def test_changes_queued_while_the_server_is_down_are_written_after_restart
     """The queue is a table written by the changing transaction: a change committed while
     no server runs (here straight in SQL after a kill -9) is drained by the next start."""
     server = server_factory("serve")
-    kind = await register_kind(http, server)
+    kind = await new_type(http, server, "member")
     team = uuid.uuid4().hex
     source = await register(http, server, {"team": team})
-    url = await spawn(http, server, kind, {"team": team})
+    url = (await spawn_entity(http, server, kind, tags={"team": team}))["url"]
     await wait_for_members(http, server, source["streamUrl"], {url: "idle"})
 
     server.kill9()
@@ -316,8 +296,8 @@ async def test_membership_changes_wake_observers(
 ) -> None:
     """An `entities({tags})` observer with a wake is woken by each membership change, in the
     drainer's transaction."""
-    kind = await register_kind(http, server)
-    observer = await spawn(http, server, kind, {})
+    kind = await new_type(http, server, "member")
+    observer = (await spawn_entity(http, server, kind, tags={}))["url"]
     team = uuid.uuid4().hex
     source = await register(http, server, {"team": team})
     registered = await http.post(
@@ -329,7 +309,7 @@ async def test_membership_changes_wake_observers(
         },
     )
     assert registered.status_code == 204, registered.text
-    member = await spawn(http, server, kind, {"team": team})
+    member = (await spawn_entity(http, server, kind, tags={"team": team}))["url"]
 
     async def woken() -> bool:
         stream = await members_events(http, server, f"{observer}/main")

@@ -11,17 +11,19 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from agents_support import (
     TENANT,
     attach_log,
+    db_connection,
     mint_token,
     module_serve_server,
+    new_type,
     read_events,
     set_status,
+    spawn_entity,
     unique_id,
 )
 from conftest import ServerProcess
@@ -35,41 +37,18 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture
 async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     attach_log(request, server)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
+    async for conn in db_connection(server):
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
 async def kind(http: httpx.AsyncClient, server: ServerProcess) -> str:
-    name = unique_id("forkable").replace("-", "_")
-    answer = await http.post(
-        server.origin + "/_electric/entity-types", json={"name": name, "description": "t"}
-    )
-    assert answer.status_code == 201, answer.text
-    return name
+    return await new_type(http, server, "forkable")
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-async def spawn(
-    http: httpx.AsyncClient, server: ServerProcess, kind: str, **body: Any
-) -> dict[str, Any]:
-    answer = await http.put(server.origin + f"/_electric/entities/{kind}/{unique_id()}", json=body)
-    assert answer.status_code == 201, answer.text
-    return answer.json()
 
 
 async def append(
@@ -127,9 +106,9 @@ async def stream_exists(http: httpx.AsyncClient, server: ServerProcess, path: st
 async def test_three_level_subtree_forks_with_reconciliation_events(
     http: httpx.AsyncClient, server: ServerProcess, db: Any, kind: str
 ) -> None:
-    root = await spawn(http, server, kind, tags={"team": "a"})
-    child = await spawn(http, server, kind, parent=root["url"], args={"boss": root["url"]})
-    grandchild = await spawn(http, server, kind, parent=child["url"])
+    root = await spawn_entity(http, server, kind, tags={"team": "a"})
+    child = await spawn_entity(http, server, kind, parent=root["url"], args={"boss": root["url"]})
+    grandchild = await spawn_entity(http, server, kind, parent=child["url"])
     shared_id = unique_id("board")
     shared_path = f"/_electric/shared-state/{shared_id}"
     created = await http.put(
@@ -219,8 +198,8 @@ async def test_three_level_subtree_forks_with_reconciliation_events(
 async def test_explicit_instance_id_names_the_root(
     http: httpx.AsyncClient, server: ServerProcess, kind: str
 ) -> None:
-    root = await spawn(http, server, kind)
-    child = await spawn(http, server, kind, parent=root["url"])
+    root = await spawn_entity(http, server, kind)
+    child = await spawn_entity(http, server, kind, parent=root["url"])
     wanted = unique_id("copy")
     answer = await fork(http, server, root["url"], instance_id=wanted)
     assert answer.status_code == 201, answer.text
@@ -246,7 +225,7 @@ async def test_explicit_instance_id_names_the_root(
 async def test_bad_arguments_are_400(
     http: httpx.AsyncClient, server: ServerProcess, kind: str, body: dict[str, Any], message: str
 ) -> None:
-    root = await spawn(http, server, kind)
+    root = await spawn_entity(http, server, kind)
     answer = await fork(http, server, root["url"], **body)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"] == {**answer.json()["error"], "code": "INVALID_REQUEST"}
@@ -254,8 +233,8 @@ async def test_bad_arguments_are_400(
 
 
 async def test_refusals(http: httpx.AsyncClient, server: ServerProcess, db: Any, kind: str) -> None:
-    root = await spawn(http, server, kind)
-    child = await spawn(http, server, kind, parent=root["url"])
+    root = await spawn_entity(http, server, kind)
+    child = await spawn_entity(http, server, kind, parent=root["url"])
 
     not_top = await fork(http, server, child["url"])
     assert not_top.status_code == 400
@@ -290,8 +269,8 @@ async def test_refusals(http: httpx.AsyncClient, server: ServerProcess, db: Any,
 async def test_busy_subtree_times_out_then_forks_once_quiet(
     http: httpx.AsyncClient, server: ServerProcess, db: Any, kind: str
 ) -> None:
-    root = await spawn(http, server, kind)
-    child = await spawn(http, server, kind, parent=root["url"])
+    root = await spawn_entity(http, server, kind)
+    child = await spawn_entity(http, server, kind, parent=root["url"])
     await set_status(db, child["url"], "running")
 
     timed_out = await fork(http, server, root["url"], waitTimeoutMs=300)
@@ -318,7 +297,7 @@ async def test_a_failure_half_way_leaves_nothing(
 ) -> None:
     """The target error stream is taken (a plain stream) after the main stream was forked:
     the whole fork rolls back."""
-    root = await spawn(http, server, kind)
+    root = await spawn_entity(http, server, kind)
     await append(http, server, db, root["url"], child_status(root))
     wanted = unique_id("clash")
     squatter = await http.put(
@@ -341,8 +320,8 @@ async def test_a_failure_half_way_leaves_nothing(
 async def test_concurrent_forks_of_one_subtree_both_succeed(
     http: httpx.AsyncClient, server: ServerProcess, kind: str
 ) -> None:
-    root = await spawn(http, server, kind)
-    await spawn(http, server, kind, parent=root["url"])
+    root = await spawn_entity(http, server, kind)
+    await spawn_entity(http, server, kind, parent=root["url"])
     answers = await asyncio.gather(*(fork(http, server, root["url"]) for _ in range(4)))
     assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
     roots = {a.json()["root"]["url"] for a in answers}

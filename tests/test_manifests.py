@@ -9,37 +9,22 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from agents_support import TENANT, eventually, mint_token, read_events, unique_id
+from agents_support import (
+    TENANT,
+    db_connection,
+    eventually,
+    mint_token,
+    new_type,
+    read_events,
+    spawn_entity,
+    unique_id,
+)
 from conftest import ServerFactory, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
-
-
-async def new_kind(http: httpx.AsyncClient, server: ServerProcess) -> str:
-    name = unique_id("manifested").replace("-", "_")
-    answer = await http.post(
-        server.origin + "/_electric/entity-types", json={"name": name, "description": "t"}
-    )
-    assert answer.status_code == 201, answer.text
-    return name
-
-
-async def spawn(
-    http: httpx.AsyncClient, server: ServerProcess, kind: str, **body: Any
-) -> dict[str, Any]:
-    answer = await http.put(server.origin + f"/_electric/entities/{kind}/{unique_id()}", json=body)
-    assert answer.status_code == 201, answer.text
-    return answer.json()
 
 
 async def write_manifest(
@@ -104,18 +89,14 @@ async def server(server_factory: ServerFactory) -> ServerProcess:
 
 @pytest.fixture
 async def db(server: ServerProcess) -> AsyncIterator[Any]:
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
+    async for conn in db_connection(server):
         yield conn
-    finally:
-        await conn.close()
 
 
 async def test_entities_sources_follow_the_manifest_with_the_append(
     http: httpx.AsyncClient, server: ServerProcess, db: Any
 ) -> None:
-    owner = (await spawn(http, server, await new_kind(http, server)))["url"]
+    owner = (await spawn_entity(http, server, await new_type(http, server, "manifested")))["url"]
     key = "source:entities:0123456789abcdef"
     await write_manifest(http, server, db, owner, key, entities_source("0123456789abcdef"))
     # Synced in the append's transaction: visible as soon as the append answered.
@@ -135,9 +116,9 @@ async def test_entities_sources_follow_the_manifest_with_the_append(
 async def test_a_fork_materialises_the_remapped_manifest(
     http: httpx.AsyncClient, server: ServerProcess, db: Any
 ) -> None:
-    kind = await new_kind(http, server)
-    root = (await spawn(http, server, kind))["url"]
-    child = (await spawn(http, server, kind, parent=root))["url"]
+    kind = await new_type(http, server, "manifested")
+    root = (await spawn_entity(http, server, kind))["url"]
+    child = (await spawn_entity(http, server, kind, parent=root))["url"]
     _, _, child_id = child.split("/")
     child_key = f"child:{kind}:{child_id}"
     await write_manifest(
@@ -179,9 +160,9 @@ async def test_a_restart_rebuilds_the_registry_from_the_streams(
 ) -> None:
     """Registrations, entity sources and a pending future send that a handler's manifest
     asks for come back after they were lost from the registry."""
-    kind = await new_kind(http, server)
-    owner = (await spawn(http, server, kind))["url"]
-    watched = (await spawn(http, server, kind))["url"]
+    kind = await new_type(http, server, "manifested")
+    owner = (await spawn_entity(http, server, kind))["url"]
+    watched = (await spawn_entity(http, server, kind))["url"]
     await write_manifest(
         http,
         server,

@@ -8,22 +8,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from agents_support import TENANT, eventually, is_closed, status_of, unique_id
+from agents_support import (
+    TENANT,
+    db_connection,
+    eventually,
+    is_closed,
+    new_type,
+    spawn_entity,
+    status_of,
+    unique_id,
+)
 from conftest import ServerFactory, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
 LONG_AGO_MS = 1_000_000  # an updated_at far before any grace period
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
 
 
 @pytest.fixture
@@ -33,19 +35,8 @@ async def server(server_factory: ServerFactory) -> ServerProcess:
 
 @pytest.fixture
 async def db(server: ServerProcess) -> AsyncIterator[Any]:
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
+    async for conn in db_connection(server):
         yield conn
-    finally:
-        await conn.close()
-
-
-async def spawn(http: httpx.AsyncClient, server: ServerProcess, kind: str) -> str:
-    answer = await http.put(server.origin + f"/_electric/entities/{kind}/{unique_id()}", json={})
-    assert answer.status_code == 201, answer.text
-    url: str = answer.json()["url"]
-    return url
 
 
 async def force(db: Any, url: str, status: str, updated_at: int) -> None:
@@ -61,16 +52,12 @@ async def force(db: Any, url: str, status: str, updated_at: int) -> None:
 async def test_stranded_runs_are_finished_after_a_crash(
     http: httpx.AsyncClient, server: ServerProcess, db: Any
 ) -> None:
-    kind = unique_id("recovered").replace("-", "_")
-    registered = await http.post(
-        server.origin + "/_electric/entity-types", json={"name": kind, "description": "t"}
-    )
-    assert registered.status_code == 201
-    stranded_running = await spawn(http, server, kind)
-    stranded_stopping = await spawn(http, server, kind)
-    just_started = await spawn(http, server, kind)
-    with_live_wake = await spawn(http, server, kind)
-    killed_subscriber = await spawn(http, server, kind)
+    kind = await new_type(http, server, "recovered")
+    stranded_running = (await spawn_entity(http, server, kind))["url"]
+    stranded_stopping = (await spawn_entity(http, server, kind))["url"]
+    just_started = (await spawn_entity(http, server, kind))["url"]
+    with_live_wake = (await spawn_entity(http, server, kind))["url"]
+    killed_subscriber = (await spawn_entity(http, server, kind))["url"]
 
     server.kill9()
     await force(db, stranded_running, "running", LONG_AGO_MS)
@@ -100,10 +87,12 @@ async def test_stranded_runs_are_finished_after_a_crash(
     server.restart()
 
     async def recovered() -> bool:
-        return await status_of(db, stranded_running) == "idle"
+        return (
+            await status_of(db, stranded_running) == "idle"
+            and await status_of(db, stranded_stopping) == "stopped"
+        )
 
-    await eventually(recovered, "the stranded run to finish")
-    assert await status_of(db, stranded_stopping) == "stopped"
+    await eventually(recovered, "the stranded runs to finish")
     # stopping -> stopped is a full terminal entry: streams closed.
     assert await is_closed(http, server, f"{stranded_stopping}/main")
     assert await status_of(db, just_started) == "running"

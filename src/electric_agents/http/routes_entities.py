@@ -14,28 +14,13 @@ from electric_agents.agents.dispatch_policy import DISPATCH_POLICY_SCHEMA
 from electric_agents.agents.entity_store import Entity
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.write_tokens import claim_token_from_headers
+from electric_agents.http.api_schemas import MILLISECONDS_SCHEMA, WAKE_CONDITION_SCHEMA
 from electric_agents.http.json_body import validated_body
 from electric_agents.http.router import Request, Response, Route, json_response
 
-# Integer columns hold these; a larger value is a 400, not a database error.
-_MAX_INT32 = 2**31 - 1
 _INBOX_MODES = ["immediate", "queued", "paused", "steer"]
 _INBOX_FIELDS = ("payload", "position", "mode", "status")
 
-_WAKE_CONDITION: dict[str, Any] = {
-    "anyOf": [
-        {"const": "runFinished"},
-        {
-            "type": "object",
-            "properties": {
-                "on": {"const": "change"},
-                "collections": {"type": "array", "items": {"type": "string"}},
-                "ops": {"type": "array", "items": {"enum": ["insert", "update", "delete"]}},
-            },
-            "required": ["on"],
-        },
-    ]
-}
 
 SPAWN_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -51,9 +36,9 @@ SPAWN_BODY_SCHEMA: dict[str, Any] = {
             "type": "object",
             "properties": {
                 "subscriberUrl": {"type": "string"},
-                "condition": _WAKE_CONDITION,
-                "debounceMs": {"type": "number", "maximum": _MAX_INT32},
-                "timeoutMs": {"type": "number", "maximum": _MAX_INT32},
+                "condition": WAKE_CONDITION_SCHEMA,
+                "debounceMs": MILLISECONDS_SCHEMA,
+                "timeoutMs": MILLISECONDS_SCHEMA,
                 "includeResponse": {"type": "boolean"},
                 "manifestKey": {"type": "string"},
             },

@@ -9,10 +9,9 @@ from electric_agents.agents import entities, schedules
 from electric_agents.agents.entity_store import Entity
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.scheduler import Scheduler
+from electric_agents.http.api_schemas import MAX_INT32
 from electric_agents.http.json_body import validated_body
 from electric_agents.http.router import Request, Response, Route, json_response
-
-_MAX_INT32 = 2**31 - 1
 
 CRON_REGISTER_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -32,8 +31,8 @@ CRON_SCHEDULE_BODY_SCHEMA: dict[str, Any] = {
         "scheduleType": {"const": "cron"},
         "expression": {"type": "string"},
         "timezone": {"type": "string"},
-        "debounceMs": {"type": "number", "minimum": 0, "maximum": _MAX_INT32},
-        "timeoutMs": {"type": "number", "minimum": 0, "maximum": _MAX_INT32},
+        "debounceMs": {"type": "number", "minimum": 0, "maximum": MAX_INT32},
+        "timeoutMs": {"type": "number", "minimum": 0, "maximum": MAX_INT32},
     },
     "required": ["scheduleType", "expression", "payload"],
 }

@@ -10,26 +10,9 @@ from typing import Any
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.wake_registration_store import WakeSpec
 from electric_agents.agents.wakes import WakeDeadlineWorker, register_wake
+from electric_agents.http.api_schemas import MILLISECONDS_SCHEMA, WAKE_CONDITION_SCHEMA
 from electric_agents.http.json_body import validated_body
 from electric_agents.http.router import Request, Response, Route
-
-# Milliseconds are stored in integer columns; larger values are a 400, not a 500.
-_MAX_INT32 = 2**31 - 1
-
-WAKE_CONDITION_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"const": "runFinished"},
-        {
-            "type": "object",
-            "properties": {
-                "on": {"const": "change"},
-                "collections": {"type": "array", "items": {"type": "string"}},
-                "ops": {"type": "array", "items": {"enum": ["insert", "update", "delete"]}},
-            },
-            "required": ["on"],
-        },
-    ]
-}
 
 WAKE_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -37,8 +20,8 @@ WAKE_BODY_SCHEMA: dict[str, Any] = {
         "subscriberUrl": {"type": "string"},
         "sourceUrl": {"type": "string"},
         "condition": WAKE_CONDITION_SCHEMA,
-        "debounceMs": {"type": "number", "maximum": _MAX_INT32},
-        "timeoutMs": {"type": "number", "maximum": _MAX_INT32},
+        "debounceMs": MILLISECONDS_SCHEMA,
+        "timeoutMs": MILLISECONDS_SCHEMA,
         "includeResponse": {"type": "boolean"},
         "manifestKey": {"type": "string"},
     },
