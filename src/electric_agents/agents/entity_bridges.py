@@ -354,34 +354,27 @@ class MembershipDrainer:
         self._touched: dict[str, float] = {}
 
     async def run(self) -> None:
-        listener: asyncpg.Connection | None = None
-        try:
-            listener = await self._listen()
-            while True:
-                try:
-                    while await self.drain_batch():
-                        pass
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                    log.warning("membership drain failed, retrying: %s", error)
-                    await asyncio.sleep(ERROR_PAUSE_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
-                self._nudged.clear()
-        finally:
-            if listener is not None:
+        # A LISTEN on a pooled connection makes changes from any process drain at once;
+        # the poll interval covers a notification missed while reconnecting.
+        async with self.runtime.pool.acquire() as listener:
+            await listener.add_listener(NOTIFY_CHANNEL, self._on_notification)
+            try:
+                while True:
+                    try:
+                        while await self.drain_batch():
+                            pass
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                        log.warning("membership drain failed, retrying: %s", error)
+                        await asyncio.sleep(ERROR_PAUSE_S)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
+                    self._nudged.clear()
+            finally:
                 with contextlib.suppress(Exception):
-                    await listener.close()
+                    await listener.remove_listener(NOTIFY_CHANNEL, self._on_notification)
 
-    async def _listen(self) -> asyncpg.Connection | None:
-        """A LISTEN connection makes changes from any process drain at once; without one
-        (it failed to connect) the poll interval still drains them."""
-        try:
-            conn = await asyncpg.connect(self.runtime.settings.database_url)
-            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._nudged.set())
-            return conn
-        except (OSError, asyncpg.PostgresError) as error:
-            log.warning("membership drainer polls only, LISTEN failed: %s", error)
-            return None
+    def _on_notification(self, *_: object) -> None:
+        self._nudged.set()
 
     async def drain_batch(self) -> bool:
         """Drain up to ROWS_PER_TRANSACTION queued changes; False when none were due."""
