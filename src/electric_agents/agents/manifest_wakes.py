@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from electric_agents.agents.event_source_catalog import webhook_stream_path
 from electric_agents.agents.wake_conditions import RUN_FINISHED
 from electric_agents.agents.wake_registration_store import (
     WakeSpec,
@@ -123,9 +124,16 @@ def _source_url(entry: dict[str, Any]) -> str | None:
         shared_id = _string(config.get("id")) or ref
         return f"/_electric/shared-state/{shared_id}" if shared_id else None
     if source_type == "webhook":
-        # Only an explicit stream URL: deriving it from endpointKey/bucket needs the event
-        # source catalog.
-        return _string(config.get("streamUrl"))
+        # `config.streamUrl`, else the path of `endpointKey` + `bucket` (0.4.9).
+        stream_url = _string(config.get("streamUrl"))
+        endpoint_key = _string(config.get("endpointKey"))
+        if stream_url is not None or endpoint_key is None:
+            return stream_url
+        bucket = config.get("bucket")
+        try:
+            return webhook_stream_path(endpoint_key, bucket if isinstance(bucket, str) else None)
+        except ApiError:
+            return None  # not a valid webhook stream path: no wake
     return None
 
 

@@ -14,6 +14,7 @@ from electric_agents.http import (
     routes_entities,
     routes_entity_bridges,
     routes_entity_types,
+    routes_event_sources,
     routes_fork,
     routes_mock_agent,
     routes_runners,
@@ -63,6 +64,7 @@ def control_routes(
         *routes_runners.routes(runtime),
         *routes_wakes.routes(runtime),
         *routes_schedules.routes(runtime),
+        *routes_event_sources.routes(runtime),
         *dispatch,
     ]
 
