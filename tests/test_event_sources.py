@@ -702,6 +702,37 @@ async def test_handler_manifest_for_a_webhook_without_stream_url_registers_the_d
     assert registration["source_url"] == "/_webhooks/hooks/b1"
 
 
+async def test_handler_rewriting_a_filtered_entry_keeps_the_filter(api: Api) -> None:
+    url = await api.entity()
+    stream = "/_webhooks/github-repo/prs/503"
+    body = {**PR, "params": {"number": 503}, "filterKey": "opened"}
+    assert (await api.subscribe(url, "f", body)).status_code == 200
+    [manifest] = await api.manifests(url)
+    [before] = await api.registrations(url)
+    # The runtime writes the same entry back through the proxy (manifest replay).
+    token = await mint_token(api.db, url)
+    echo = {
+        "type": "manifest",
+        "key": manifest["key"],
+        "headers": {"operation": "upsert"},
+        "value": manifest["value"],
+    }
+    response = await api.http.post(
+        api.url(url + "/main"),
+        content=orjson.dumps(echo),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code in (200, 204), response.text
+    [after] = await api.registrations(url)
+    assert orjson.loads(after["condition"]) == orjson.loads(before["condition"])
+    assert orjson.loads(after["condition"])["filter"] == {
+        "ops": ["insert"],
+        "match": {"body.action": "opened"},
+    }
+    await api.deliver(stream, "closed-1", {"action": "closed"})
+    assert await api.wakes(url) == []
+
+
 # --- no catalog, bad catalogs ----------------------------------------------------------------
 
 

@@ -120,6 +120,21 @@ class EventSourceCatalog:
     def get(self, source_key: str) -> dict[str, Any] | None:
         return self._by_key.get(source_key)
 
+    def filter_condition(
+        self, source_key: Any, bucket_key: Any, filter_key: Any
+    ) -> dict[str, Any] | None:
+        """The condition of a bucket filter, or None (unknown, or no condition)."""
+        contract = self._by_key.get(source_key) if isinstance(source_key, str) else None
+        if contract is None or not filter_key:
+            return None
+        for bucket in contract["buckets"]:
+            if bucket["key"] != bucket_key:
+                continue
+            for candidate in bucket.get("filters") or []:
+                if candidate["key"] == filter_key:
+                    return candidate.get("condition") or None
+        return None
+
 
 def load_catalog(path: str | Path) -> EventSourceCatalog:
     """Read and check the catalog file; any problem is one CatalogError line."""
