@@ -5,6 +5,7 @@ registration, webhook appends waking the subscriber, lifetimes and filters."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -921,3 +922,84 @@ def test_filter_conditions(
     condition: dict[str, Any], event: dict[str, Any], kind: str, expected: bool
 ) -> None:
     assert filter_matches(condition, event, kind) is expected
+
+
+# --- crashes, concurrency, several processes -------------------------------------------------
+
+
+def catalog_args(tmp_path: Path) -> list[str]:
+    catalog_file = tmp_path / "event-sources.json"
+    catalog_file.write_bytes(orjson.dumps(CATALOG))
+    return ["--event-sources", str(catalog_file)]
+
+
+async def test_expiry_survives_kill9_and_fires_once_across_two_processes(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    args = catalog_args(tmp_path)
+    first = server_factory("serve", extra_args=args)
+    assert first.database_url is not None
+    conn = await asyncpg.connect(first.database_url)
+    try:
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            api = Api(http, first, conn)
+            url = await api.entity()
+            at = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+            body = {**PR, "lifetime": {"kind": "expires_at", "at": at}}
+            assert (await api.subscribe(url, "brief", body)).status_code == 200
+            # The process that scheduled it dies before the time comes.
+            first.kill9()
+            first.start()
+            second = server_factory("serve", extra_args=args)
+            api.server = second
+
+            async def expired() -> bool:
+                return await api.registrations(url) == []
+
+            await eventually(expired, "the subscription to expire after kill -9")
+
+            async def settled() -> bool:
+                return (
+                    await conn.fetchval(
+                        "SELECT count(*) FROM scheduled_tasks WHERE kind = 'event_source_expiry'"
+                        " AND owner_entity_url = $1 AND completed_at IS NULL",
+                        url,
+                    )
+                    == 0
+                )
+
+            await eventually(settled, "the expiry task to complete")
+            operations = [m["headers"]["operation"] for m in await api.manifests(url)]
+            assert operations == ["upsert", "delete"]
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_upserts_and_deletes_of_one_subscription_stay_consistent(api: Api) -> None:
+    url = await api.entity()
+    at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+
+    async def put(number: int) -> httpx.Response:
+        body = {**PR, "params": {"number": number}, "lifetime": {"kind": "expires_at", "at": at}}
+        return await api.subscribe(url, "busy", body)
+
+    responses = await asyncio.gather(
+        *(put(n) for n in range(1, 9)), api.unsubscribe(url, "busy"), api.unsubscribe(url, "busy")
+    )
+    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+    manifests = await api.manifests(url)
+    assert len(manifests) == 10
+    registrations = await api.registrations(url)
+    pending = await api.db.fetchval(
+        "SELECT count(*) FROM scheduled_tasks WHERE kind = 'event_source_expiry'"
+        " AND owner_entity_url = $1 AND completed_at IS NULL",
+        url,
+    )
+    # The last write decides: an upsert leaves one registration and one expiry, a delete
+    # neither.
+    if manifests[-1]["headers"]["operation"] == "delete":
+        assert (registrations, pending) == ([], 0)
+    else:
+        bucket = manifests[-1]["value"]["config"]["bucket"]
+        assert [r["source_url"] for r in registrations] == [f"/_webhooks/github-repo/{bucket}"]
+        assert pending == 1
