@@ -460,6 +460,32 @@ async def test_resolution_errors_are_400_with_the_runtime_message(
     assert await api.registrations(url) == []
 
 
+async def test_an_oversized_subscription_id_is_refused_and_nothing_is_written(api: Api) -> None:
+    url = await api.entity()
+    # Random, so the index entry cannot be compressed below Postgres' limit.
+    response = await api.subscribe(url, "".join(uuid.uuid4().hex for _ in range(200)), PR)
+    assert error_of(response, 400, "INVALID_REQUEST") == "Wake registration is too large"
+    assert await api.manifests(url) == []
+    assert await api.registrations(url) == []
+
+
+async def test_non_ascii_bucket_parameters_are_refused_like_the_runtime(api: Api) -> None:
+    url = await api.entity()
+    body = {"sourceKey": "github-repo", "bucketKey": "branch", "params": {"name": "é", "extra": 1}}
+    response = await api.subscribe(url, "s1", body)
+    assert error_of(response, 400, "INVALID_REQUEST") == (
+        "[agent-runtime] webhook bucket must use non-empty URL-safe path segments"
+    )
+    ok = {
+        "sourceKey": "github-repo",
+        "bucketKey": "branch",
+        "params": {"name": "a.b~c", "extra": 2.0},
+    }
+    response = await api.subscribe(url, "s2", ok)
+    assert response.status_code == 200, response.text
+    assert response.json()["subscription"]["sourceUrl"] == "/_webhooks/github-repo/branches/a.b~c/2"
+
+
 async def test_unknown_source_is_404(api: Api) -> None:
     url = await api.entity()
     response = await api.subscribe(url, "s1", {"sourceKey": "gitlab"})
@@ -631,6 +657,38 @@ async def test_expires_at_lifetime_removes_the_subscription_at_that_time(api: Ap
     await eventually(deleted, "the manifest delete")
     await api.deliver(stream, "after", {})
     assert [w["value"]["changes"][0]["key"] for w in await api.wakes(url)] == ["before"]
+
+
+async def test_expiry_waits_for_a_locked_owner_instead_of_blocking(api: Api) -> None:
+    url = await api.entity()
+    at = (datetime.now(UTC) + timedelta(seconds=0.5)).isoformat()
+    body = {**PR, "params": {"number": 603}, "lifetime": {"kind": "expires_at", "at": at}}
+    assert (await api.subscribe(url, "locked", body)).status_code == 200
+    assert api.server.database_url is not None
+    holder = await asyncpg.connect(api.server.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM entities WHERE tenant_id = $1 AND url = $2 FOR UPDATE", TENANT, url
+            )
+
+            async def refused() -> bool:
+                error = await api.db.fetchval(
+                    "SELECT last_error FROM scheduled_tasks WHERE kind = 'event_source_expiry'"
+                    " AND owner_entity_url = $1",
+                    url,
+                )
+                return error is not None and "OWNER_BUSY" in error
+
+            await eventually(refused, "the expiry to find its owner locked")
+            assert len(await api.registrations(url)) == 1
+    finally:
+        await holder.close()
+
+    async def expired() -> bool:
+        return await api.registrations(url) == []
+
+    await eventually(expired, "the retried expiry")
 
 
 async def test_resubscribing_without_expiry_cancels_the_pending_expiry(api: Api) -> None:
