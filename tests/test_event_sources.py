@@ -718,6 +718,25 @@ async def test_expiry_of_a_past_time_removes_it_right_away(api: Api) -> None:
     await eventually(expired, "the subscription to expire")
 
 
+async def test_junk_filter_in_a_client_wake_condition_does_not_break_appends(api: Api) -> None:
+    url = await api.entity()
+    stream = "/_webhooks/github-repo/prs/800"
+    assert (
+        await api.http.put(api.url(stream), headers={"Content-Type": "application/json"})
+    ).status_code == 201
+    response = await api.http.post(
+        api.url("/_electric/wake"),
+        json={
+            "subscriberUrl": url,
+            "sourceUrl": stream,
+            "condition": {"on": "change", "filter": {"ops": 5, "match": [1]}},
+        },
+    )
+    assert response.status_code == 204, response.text
+    await api.deliver(stream, "evt-1", {})
+    assert len(await api.wakes(url)) == 1
+
+
 async def test_terminal_entity_loses_its_subscriptions(api: Api) -> None:
     url = await api.entity()
     for sub_id, lifetime in (("a", "until_entity_stopped"), ("b", "manual")):
@@ -974,6 +993,14 @@ def test_derived_subscription_ids_are_stable_and_normalized() -> None:
         ({"ops": ["update"]}, {"value": {}}, "insert", False),
         ({"collections": ["other"]}, {"type": "webhook_event", "value": {}}, "insert", False),
         ({"collections": ["webhook_event"]}, {"type": "webhook_event"}, "insert", True),
+        (
+            {"collections": "webhook", "ops": 5, "match": "x"},
+            {"type": "webhook_event"},
+            "insert",
+            True,
+        ),
+        ({"match": {"a": 1}}, {"value": [{"a": 1}]}, "insert", False),
+        ({"match": {"0.a": 1}}, {"value": [{"a": 1}]}, "insert", True),
     ],
 )
 def test_filter_conditions(

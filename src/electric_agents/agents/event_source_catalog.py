@@ -453,11 +453,13 @@ def filter_matches(condition: Mapping[str, Any], event: Mapping[str, Any], kind:
     """Whether a webhook event passes a bucket filter's condition: its type among
     `collections`, its operation among `ops`, and every `match` path of its row (the
     event's `value`) equal to the given JSON value."""
+    # Malformed parts (a condition stored through `POST /_electric/wake` carries whatever
+    # the client sent) are ignored rather than failing the append that evaluates them.
     collections = condition.get("collections")
-    if collections and event.get("type") not in collections:
+    if isinstance(collections, list) and collections and event.get("type") not in collections:
         return False
     ops = condition.get("ops")
-    if ops and kind not in ops:
+    if isinstance(ops, list) and ops and kind not in ops:
         return False
     match = condition.get("match")
     if isinstance(match, dict):
