@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="register the built-in mock `chat` agent (or ELECTRIC_AGENTS_MOCK_AGENT=1)",
     )
+    serve.add_argument(
+        "--event-sources",
+        help="JSON file with the event-source catalog (or ELECTRIC_AGENTS_EVENT_SOURCES)",
+    )
     streams = commands.add_parser(
         "streams", help="run the Durable Streams server alone, at /v1/stream"
     )
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             stream_prefix="/v1/stream" if args.command == "streams" else "",
             subscriptions=True,
             mock_agent=getattr(args, "mock_agent", None),
+            event_sources=getattr(args, "event_sources", None),
         )
     except ConfigError as error:
         print(f"electric-agents: error: {error}", file=sys.stderr)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from electric_agents.agents.event_source_catalog import EventSourceCatalog
 
 
 class ConfigError(ValueError):
@@ -43,6 +47,8 @@ class Settings:
     require_principal: bool = False
     # The built-in mock `chat` agent (spec/02 §4.14) and its handler route.
     mock_agent: bool = False
+    # The event-source catalog (`--event-sources FILE`, spec/03 §5.9); None: no catalog.
+    event_sources: EventSourceCatalog | None = field(default=None, compare=False)
 
     @property
     def public_url(self) -> str:
@@ -105,6 +111,7 @@ def load_settings(
     stream_prefix: str = "",
     subscriptions: bool = True,
     mock_agent: bool | None = None,
+    event_sources: str | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
     """Resolve settings from explicit values (flags) and the environment."""
@@ -132,6 +139,7 @@ def load_settings(
     if mock_agent is None:
         raw_mock = env_value("ELECTRIC_AGENTS_MOCK_AGENT", environ=environ) or ""
         mock_agent = raw_mock.lower() in ("1", "true", "yes", "on")
+    raw_event_sources = pick(event_sources, "ELECTRIC_AGENTS_EVENT_SOURCES")
     return Settings(
         host=pick(host, "ELECTRIC_AGENTS_HOST", "HOST") or "127.0.0.1",
         port=parse_port(raw_port, allow_zero=True) if raw_port else DEFAULT_PORT,
@@ -151,4 +159,14 @@ def load_settings(
         tenant_id=tenant or "default",
         require_principal=require_principal,
         mock_agent=mock_agent,
+        event_sources=load_event_sources(raw_event_sources) if raw_event_sources else None,
     )
+
+
+def load_event_sources(path: str) -> EventSourceCatalog:
+    from electric_agents.agents.event_source_catalog import CatalogError, load_catalog
+
+    try:
+        return load_catalog(path)
+    except CatalogError as error:
+        raise ConfigError(str(error)) from None

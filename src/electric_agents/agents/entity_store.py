@@ -165,6 +165,22 @@ async def get_entity(
     return entity_from_row(row) if row else None
 
 
+async def lock_entity_nowait(conn: asyncpg.Connection, tenant: str, url: str) -> bool | None:
+    """Take the entity's row lock without waiting: None if there is no such entity, False
+    if another transaction holds it (for background work that must not wait on a request
+    holding the lock, which may in turn wait on the work's own locks)."""
+    try:
+        async with conn.transaction():  # a savepoint: a refusal leaves the caller usable
+            found = await conn.fetchval(
+                "SELECT 1 FROM entities WHERE tenant_id = $1 AND url = $2 FOR UPDATE NOWAIT",
+                tenant,
+                url,
+            )
+    except asyncpg.LockNotAvailableError:
+        return False
+    return None if found is None else True
+
+
 async def list_entities(
     conn: asyncpg.Connection,
     tenant: str,

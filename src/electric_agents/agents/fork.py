@@ -230,7 +230,7 @@ async def _fork_if_quiet(
                 _remap_manifest(key, value, names)
                 for key, value in snapshots[entity.url]["manifest"].items()
             )
-            await materialize(tx, tenant, forked, remapped)
+            await materialize(tx, tenant, forked, remapped, runtime.settings.event_sources)
     return ForkResult(root=forks[0], entities=forks)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from electric_agents.agents.event_source_catalog import EventSourceCatalog, webhook_stream_path
 from electric_agents.agents.wake_conditions import RUN_FINISHED
 from electric_agents.agents.wake_registration_store import (
     WakeSpec,
@@ -33,7 +34,11 @@ def has_manifest_events(events: list[Any]) -> bool:
 
 
 async def sync_manifest_wakes(
-    conn: asyncpg.Connection, tenant: str, owner_url: str, events: list[Any]
+    conn: asyncpg.Connection,
+    tenant: str,
+    owner_url: str,
+    events: list[Any],
+    catalog: EventSourceCatalog | None = None,
 ) -> None:
     """For each manifest event in order: the entry's registration, or none (spec/03
     §3.6.3). An unchanged entry keeps its registration (and its timeout clock)."""
@@ -48,7 +53,7 @@ async def sync_manifest_wakes(
         value = event.get("value")
         spec = None
         if operation != "delete" and isinstance(value, dict):
-            spec = manifest_wake_spec(owner_url, key, value)
+            spec = manifest_wake_spec(owner_url, key, value, catalog)
         if spec is None:
             await delete_by_manifest_key(conn, tenant, owner_url, key)
             continue
@@ -59,9 +64,12 @@ async def sync_manifest_wakes(
             log.warning("manifest %s of %s: no wake: %s", key[:200], owner_url, error.message)
 
 
-def manifest_wake_spec(owner_url: str, key: str, entry: dict[str, Any]) -> WakeSpec | None:
+def manifest_wake_spec(
+    owner_url: str, key: str, entry: dict[str, Any], catalog: EventSourceCatalog | None = None
+) -> WakeSpec | None:
     """`buildManifestWakeRegistration` (spec/03 §3.6.2), or None when the entry asks for
-    no wake or names no source this server can derive."""
+    no wake or names no source this server can derive. An event-source entry with a
+    `filterKey` gets its bucket filter from `catalog`, as its subscription route gave it."""
     source_url = _source_url(entry)
     wake = entry.get("wake")
     if source_url is None or wake is None:
@@ -90,6 +98,9 @@ def manifest_wake_spec(owner_url: str, key: str, entry: dict[str, Any]) -> WakeS
     ops = wake.get("ops")
     if isinstance(ops, list):
         condition["ops"] = [o for o in ops if o in _OPS]
+    event_filter = _event_source_filter(entry, catalog)
+    if event_filter is not None:
+        condition["filter"] = event_filter
     return replace(
         base,
         condition=condition,
@@ -123,10 +134,33 @@ def _source_url(entry: dict[str, Any]) -> str | None:
         shared_id = _string(config.get("id")) or ref
         return f"/_electric/shared-state/{shared_id}" if shared_id else None
     if source_type == "webhook":
-        # Only an explicit stream URL: deriving it from endpointKey/bucket needs the event
-        # source catalog.
-        return _string(config.get("streamUrl"))
+        # `config.streamUrl`, else the path of `endpointKey` + `bucket` (0.4.9).
+        stream_url = _string(config.get("streamUrl"))
+        endpoint_key = _string(config.get("endpointKey"))
+        if stream_url is not None or endpoint_key is None:
+            return stream_url
+        bucket = config.get("bucket")
+        try:
+            return webhook_stream_path(endpoint_key, bucket if isinstance(bucket, str) else None)
+        except ApiError:
+            return None  # not a valid webhook stream path: no wake
     return None
+
+
+def _event_source_filter(
+    entry: dict[str, Any], catalog: EventSourceCatalog | None
+) -> dict[str, Any] | None:
+    config = entry.get("config")
+    event_source = config.get("eventSource") if isinstance(config, dict) else None
+    if (
+        catalog is None
+        or entry.get("sourceType") != "webhook"
+        or not isinstance(event_source, dict)
+    ):
+        return None
+    return catalog.filter_condition(
+        event_source.get("sourceKey"), event_source.get("bucketKey"), event_source.get("filterKey")
+    )
 
 
 def _string(value: Any) -> str | None:

@@ -22,6 +22,7 @@ import asyncpg
 import orjson
 
 from electric_agents.agents.entity_store import Entity, get_entity
+from electric_agents.agents.event_source_catalog import EventSourceCatalog
 from electric_agents.agents.manifest_wakes import manifest_wake_spec, sync_manifest_wakes
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedules import sync_manifest_entry
@@ -67,10 +68,14 @@ def active_entries(events: Iterable[Any]) -> Entries:
 
 
 async def sync_in_transaction(
-    conn: asyncpg.Connection, tenant: str, owner_url: str, events: list[Any]
+    conn: asyncpg.Connection,
+    tenant: str,
+    owner_url: str,
+    events: list[Any],
+    catalog: EventSourceCatalog | None = None,
 ) -> None:
     """The side effects that commit with a handler's manifest append."""
-    await sync_manifest_wakes(conn, tenant, owner_url, events)
+    await sync_manifest_wakes(conn, tenant, owner_url, events, catalog)
     for key, operation, value in manifest_events(events):
         entry = value if operation != "delete" and isinstance(value, dict) else None
         await sync_entity_source(conn, tenant, owner_url, key, entry)
@@ -117,7 +122,13 @@ def _entities_source_ref(entry: dict[str, Any] | None) -> str | None:
 # --- materialising whole manifests (fork, startup) ------------------------------------------
 
 
-async def materialize(tx: StreamTransaction, tenant: str, owner: Entity, entries: Entries) -> None:
+async def materialize(
+    tx: StreamTransaction,
+    tenant: str,
+    owner: Entity,
+    entries: Entries,
+    catalog: EventSourceCatalog | None = None,
+) -> None:
     """Apply every active entry of `owner`'s manifest in `tx`: its wake registration (an
     identical one is kept, with its timeout clock), its entities-source row, its pending
     future send and its cron chain. An entry the server cannot apply (a bad cron
@@ -126,7 +137,7 @@ async def materialize(tx: StreamTransaction, tenant: str, owner: Entity, entries
     for key, entry in entries.items():
         try:
             async with tx.conn.transaction():  # a savepoint per entry
-                spec = manifest_wake_spec(owner.url, key, entry)
+                spec = manifest_wake_spec(owner.url, key, entry, catalog)
                 if spec is not None:
                     await upsert_registration(tx.conn, tenant, spec)
                 await sync_entity_source(tx.conn, tenant, owner.url, key, entry)
@@ -186,7 +197,7 @@ class ManifestRehydrator:
                 owner.url,
                 list(entries),
             )
-            await materialize(tx, tenant, owner, entries)
+            await materialize(tx, tenant, owner, entries, self.runtime.settings.event_sources)
         return len(entries)
 
 

@@ -26,7 +26,7 @@ _TASK_COLUMNS = (
 @dataclass(frozen=True)
 class ScheduledTask:
     id: int
-    kind: str  # delayed_send | cron_tick
+    kind: str  # delayed_send | cron_tick | event_source_expiry
     payload: dict[str, Any]
     fire_at: datetime
     cron_expression: str | None
@@ -92,6 +92,52 @@ async def cancel_manifest_sends(
             UPDATE scheduled_tasks SET completed_at = now(), claimed_by = NULL,
                                        claimed_at = NULL
             WHERE tenant_id = $1 AND kind = 'delayed_send' AND owner_entity_url = $2
+              AND manifest_key = $3 AND completed_at IS NULL
+            RETURNING 1
+        )
+        SELECT count(*) FROM cancelled
+        """,
+        tenant,
+        owner_entity_url,
+        manifest_key,
+    )
+    return int(done or 0)
+
+
+async def insert_event_source_expiry(
+    conn: asyncpg.Connection,
+    tenant: str,
+    owner_entity_url: str,
+    manifest_key: str,
+    fire_at: datetime,
+    txid: str,
+) -> int:
+    """The end of an `expires_at` event-source subscription; `txid` names the upsert it
+    belongs to, so a late firing never removes a newer subscription under the same key."""
+    return await conn.fetchval(
+        """
+        INSERT INTO scheduled_tasks (tenant_id, kind, payload, fire_at, owner_entity_url,
+                                     manifest_key)
+        VALUES ($1, 'event_source_expiry', $2::jsonb, $3, $4, $5)
+        RETURNING id
+        """,
+        tenant,
+        _json({"txid": txid}),
+        fire_at,
+        owner_entity_url,
+        manifest_key,
+    )
+
+
+async def cancel_event_source_expiry(
+    conn: asyncpg.Connection, tenant: str, owner_entity_url: str, manifest_key: str
+) -> int:
+    """Complete the pending expiry of a subscription (replaced or deleted)."""
+    done = await conn.fetchval(
+        """
+        WITH cancelled AS (
+            UPDATE scheduled_tasks SET completed_at = now()
+            WHERE tenant_id = $1 AND kind = 'event_source_expiry' AND owner_entity_url = $2
               AND manifest_key = $3 AND completed_at IS NULL
             RETURNING 1
         )

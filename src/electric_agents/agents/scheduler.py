@@ -31,6 +31,7 @@ from electric_agents.agents import cron, events, inbox
 from electric_agents.agents import scheduled_task_store as store
 from electric_agents.agents.entity_store import get_entity, now_ms
 from electric_agents.agents.entity_streams import append_to_main
+from electric_agents.agents.event_sources import expire_subscription
 from electric_agents.agents.principals import parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedule_events import manifest_status_update
@@ -156,6 +157,8 @@ class Scheduler:
     async def _execute(self, tx: StreamTransaction, task: store.ScheduledTask) -> None:
         if task.kind == "cron_tick":
             await self._fire_cron_tick(tx, task)
+        elif task.kind == "event_source_expiry":
+            await expire_subscription(tx, self.runtime.tenant_id, task)
         else:
             await self._fire_delayed_send(tx, task)
 

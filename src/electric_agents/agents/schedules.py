@@ -23,10 +23,8 @@ from electric_agents.agents.entity_store import Entity, get_entity, now_ms
 from electric_agents.agents.entity_streams import append_to_main
 from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.events import iso_from_datetime
-from electric_agents.agents.principal_entities import (
-    ensure_principal_entity,
-    reject_principal_mutation,
-)
+from electric_agents.agents.manifest_owner import lock_manifest_owner
+from electric_agents.agents.principal_entities import ensure_principal_entity
 from electric_agents.agents.principals import Principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedule_events import manifest_delete, manifest_upsert
@@ -77,7 +75,7 @@ async def upsert_cron_schedule(
     txid = str(uuid.uuid4())
     tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
-        owner = await _locked_owner(tx, tenant, owner_url, "scheduled")
+        owner = await lock_manifest_owner(tx, tenant, owner_url, "scheduled")
         stream_url = await ensure_cron_chain(tx, tenant, schedule.expression, zone)
         # The key may have named a future send before: that one is replaced too.
         await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
@@ -118,7 +116,7 @@ async def upsert_future_send(
     txid = str(uuid.uuid4())
     tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
-        owner = await _locked_owner(tx, tenant, owner_url, "scheduled")
+        owner = await lock_manifest_owner(tx, tenant, owner_url, "scheduled")
         target_url = schedule.target_url or owner.url
         target = owner if target_url == owner.url else await get_entity(tx.conn, tenant, target_url)
         if target is None:
@@ -169,7 +167,7 @@ async def delete_schedule(runtime: AgentsRuntime, owner_url: str, schedule_id: s
     txid = str(uuid.uuid4())
     tenant = runtime.tenant_id
     async with runtime.engine.transaction() as tx:
-        owner = await _locked_owner(tx, tenant, owner_url, "unscheduled")
+        owner = await lock_manifest_owner(tx, tenant, owner_url, "unscheduled")
         await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
         await _delete_wake_registration(tx.conn, tenant, owner.url, key)
         await append_to_main(tx, owner, manifest_delete(key, txid, now_ms()))
@@ -275,17 +273,6 @@ def parse_fire_at(text: str) -> datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment
-
-
-async def _locked_owner(tx: StreamTransaction, tenant: str, owner_url: str, action: str) -> Entity:
-    owner = await get_entity(tx.conn, tenant, owner_url, for_update=True)
-    if owner is None:
-        raise inbox.entity_not_found()
-    reject_principal_mutation(owner, action)
-    if owner.status in ("stopped", "killed"):
-        # Its streams are closed: the manifest event could not be written.
-        raise inbox.not_running()
-    return owner
 
 
 async def _delete_wake_registration(

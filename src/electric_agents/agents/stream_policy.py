@@ -130,7 +130,9 @@ class EntityStreamPolicy:
             if result.status == 200 or "Producer-Epoch" not in result.headers:
                 await evaluate_wakes(tx, tenant, source_url, events)
                 if has_manifests:
-                    await sync_in_transaction(tx.conn, tenant, source_url, events)
+                    await sync_in_transaction(
+                        tx.conn, tenant, source_url, events, self.runtime.settings.event_sources
+                    )
 
         return InTransaction(evaluate, also_appends_to=subscriber_streams)
 

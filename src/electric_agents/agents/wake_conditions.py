@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from electric_agents.agents.event_source_catalog import filter_matches
+
 RUN_FINISHED = "runFinished"
 FINISHED_RUN_STATUSES = frozenset({"completed", "failed"})
 
@@ -44,6 +46,9 @@ def match_condition(condition: Any, event: Any) -> Match | None:
     ops = condition.get("ops") or []
     if ops and kind not in ops:
         return None
+    event_filter = condition.get("filter")
+    if isinstance(event_filter, dict) and not filter_matches(event_filter, event, kind):
+        return None  # an event-source subscription's bucket filter (spec/03 §5.9)
     change_key = key if isinstance(key, str) else ""
     return Match({"collection": event_type, "kind": kind, "key": change_key})
 

@@ -16,6 +16,7 @@ from electric_agents.http import (
     routes_entities,
     routes_entity_bridges,
     routes_entity_types,
+    routes_event_sources,
     routes_fork,
     routes_mock_agent,
     routes_runners,
@@ -67,6 +68,7 @@ def control_routes(
         *routes_runners.routes(runtime),
         *routes_wakes.routes(runtime),
         *routes_schedules.routes(runtime),
+        *routes_event_sources.routes(runtime),
         *dispatch,
     ]
 
