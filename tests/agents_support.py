@@ -23,7 +23,7 @@ from electric_agents.agents.write_tokens import mint_write_token
 
 TENANT = "default"
 JSON = {"Content-Type": "application/json"}
-POLL_TIMEOUT_S = 10.0
+POLL_TIMEOUT_S = 20.0  # generous: a loaded machine must not fail a correct test
 
 
 def module_serve_server(pg_server: Any, log_dir: Path) -> Iterator[ServerProcess]:
