@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
@@ -89,3 +90,25 @@ async def test_client_side_cron_stream_path_is_the_one_the_server_registers(
             )
             assert response.status_code == 200, response.text
             assert response.json()["streamUrl"] == cron_stream_url(EVERY_SECOND, timezone)
+
+
+async def test_live_reader_whose_server_dies_mid_long_poll_fails_instead_of_hanging(
+    streams_server: ServerProcess,
+) -> None:
+    url = f"{streams_server.base_url}/dying-{time.time_ns()}"
+    async with httpx.AsyncClient(trust_env=False) as http:
+        created = await http.put(url, headers=JSON, content=json.dumps([note(0)]))
+        assert created.status_code == 201, created.text
+    async with session(0, timeout_s=30) as http_session:
+        reader = LiveReader(http_session, url).start()
+        try:
+            await reader.wait_for(is_note, 1, 5)
+            await asyncio.sleep(0.1)  # parked on the tail
+            streams_server.kill9()
+            started = time.monotonic()
+            with pytest.raises(aiohttp.ClientError):
+                await reader.wait_for(is_note, 2, 20)
+            # Well before the long-poll timeout or the wait's own.
+            assert time.monotonic() - started < 5
+        finally:
+            await reader.close()
