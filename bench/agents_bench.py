@@ -1,13 +1,16 @@
 """Agents benchmark: our `electric-agents serve` on a fresh data dir and embedded Postgres.
 
     .venv/bin/python bench/agents_bench.py [--entities 100000] [--duration 10] [--quick]
-        [--scenarios spawn,send,webhook,cycle,memory] [--out bench/results/agents-<name>.json]
+        [--ticks 30] [--scenarios spawn,send,webhook,cycle,parent-wake,cron,memory]
+        [--out bench/results/agents-<name>.json]
 
 Scenarios (see docs/benchmarks.md): 1. spawns/s and 2. sends/s at concurrency 1 and 16,
 3. send -> webhook arrival latency, 4. send -> claim -> write -> done cycle latency (a
-handler in this process on 127.0.0.1), 5. server RSS growth with N idle entities (on a
-second fresh server). There is no reference agents server to compare against here (it
-needs Electric, a Durable Streams server and Postgres), so the table has one column.
+handler in this process on 127.0.0.1), 5. a child's completed run -> the runFinished wake
+in its parent's stream, 6. cron tick jitter of an every-second schedule, 7. server RSS
+growth with N idle entities (on a second fresh server). There is no reference agents server
+to compare against here (it needs Electric, a Durable Streams server and Postgres), so the
+table has one column.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agentsbench import dispatch, memory, throughput
+from agentsbench import coordination, dispatch, memory, throughput
 from agentsbench.config import AgentsBenchConfig
 from streambench.model import WorkloadResult
 from streambench.processes import ProcessSupervisor
@@ -39,12 +42,14 @@ Scenario = Callable[[RunningServer, AgentsBenchConfig], Awaitable[WorkloadResult
 TARGET = "ours"
 DESCRIPTION = {TARGET: "electric-agents serve (Python + embedded Postgres)"}
 
-# Scenarios 1-4 share one server; "memory" gets a fresh one so its baseline is clean.
+# Scenarios 1-6 share one server; "memory" gets a fresh one so its baseline is clean.
 SHARED_SERVER_SCENARIOS: dict[str, Scenario] = {
     "spawn": throughput.spawn_rate,
     "send": throughput.send_rate,
     "webhook": dispatch.webhook_arrival,
     "cycle": dispatch.full_cycle,
+    "parent-wake": coordination.parent_wake,
+    "cron": coordination.cron_jitter,
 }
 OWN_SERVER_SCENARIOS: dict[str, Scenario] = {"memory": memory.idle_entities}
 ALL_SCENARIOS = [*SHARED_SERVER_SCENARIOS, *OWN_SERVER_SCENARIOS]
@@ -63,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--iterations", type=int, help="measured sends per latency scenario (default 300)"
     )
     parser.add_argument(
+        "--ticks", type=int, help="measured ticks of the every-second cron schedule (default 30)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="shrink every scenario for a smoke run"
     )
     parser.add_argument(
@@ -74,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not chosen:
         parser.error(f"--scenarios: unknown {unknown}, choose from {', '.join(ALL_SCENARIOS)}")
     args.scenarios = chosen
-    if args.entities is not None and args.entities < 1:
-        parser.error("--entities must be at least 1")
+    for name in ("entities", "ticks"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     return args
 
 
@@ -85,6 +94,7 @@ def build_config(args: argparse.Namespace) -> AgentsBenchConfig:
         ("entities", "entities"),
         ("duration", "duration_s"),
         ("iterations", "latency_iterations"),
+        ("ticks", "cron_ticks"),
     ):
         value = getattr(args, arg)
         if value is not None:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "agents_bench.py"
-SCENARIOS = ("spawn", "send", "webhook", "cycle", "memory")
+SCENARIOS = ("spawn", "send", "webhook", "cycle", "parent-wake", "cron", "memory")
 
 
 def figures(document: dict[str, object]) -> dict[str, float | None]:
@@ -36,15 +36,15 @@ def figure(values: dict[str, float | None], section_prefix: str, name: str) -> f
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "agents-smoke.json"
     completed = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--duration", "0.5", "--entities", "150",
-         "--iterations", "10", "--out", str(out)],
+         "--iterations", "10", "--ticks", "3", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=80,
+        timeout=110,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -73,8 +73,26 @@ def test_quick_bench_run_measures_every_scenario_and_writes_json(tmp_path: Path)
     assert raw["webhook"]["unexpected_wakes"] == 0
     assert raw["cycle"]["unexpected_wakes"] == 0
     assert raw["cycle"]["failures"] == []
-    assert figure(values, "5. memory", "entities spawned (of 150)") == 150
-    assert figure(values, "5. memory", "after 150 entities: server RSS") > 0
+    # A child's run -> its parent's runFinished wake, read live from the parent's stream.
+    assert figure(values, "5. child run", "measured children") == 10
+    assert figure(values, "5. child run", "failed rounds") == 0
+    assert figure(values, "5. child run", "wakes without the child's response") == 0
+    assert figure(values, "5. child run", "duplicate wakes") == 0
+    assert 0 < figure(values, "5. child run", "parent wake p50") < 1000
+    assert raw["parent-wake"]["children"] == 10 + 2  # a warm-up child per parent
+    assert raw["parent-wake"]["unexpected_wakes"] == 0
+    # Cron ticks every second, each within its second and read live.
+    assert figure(values, "6. cron", "measured ticks (of 3)") == 3
+    assert figure(values, "6. cron", "skipped seconds") == 0
+    assert figure(values, "6. cron", "doubled ticks") == 0
+    fired_max = figure(values, "6. cron", "firedAt - second boundary max")
+    arrival_max = figure(values, "6. cron", "arrival at the reader - second boundary max")
+    assert 0 <= fired_max < 1000
+    # A tick reaches the reader after it was stamped (same clock: both on this host).
+    assert arrival_max >= fired_max
+    assert raw["cron"]["schedule_delete_error"] is None
+    assert figure(values, "7. memory", "entities spawned (of 150)") == 150
+    assert figure(values, "7. memory", "after 150 entities: server RSS") > 0
     # The printed table is the one stored in the document.
     assert document["report_markdown"] in completed.stdout
 
@@ -176,6 +194,7 @@ def test_server_killed_mid_run_is_reported_its_postgres_stopped_and_its_log_kept
         (["--scenarios", "spawn,nonsense"], "--scenarios: unknown ['nonsense']"),
         (["--scenarios", ","], "--scenarios: unknown []"),
         (["--entities", "0"], "--entities must be at least 1"),
+        (["--ticks", "-2"], "--ticks must be at least 1"),
         (["--duration", "soon"], "invalid float value"),
     ],
 )

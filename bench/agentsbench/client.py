@@ -72,10 +72,14 @@ class AgentsClient:
         async with self.http.post(url, json=body) as resp:
             await _expect(resp, (201,), f"register type {name}")
 
-    async def spawn(self, type_name: str, instance_id: str) -> str:
-        """PUT /_electric/entities/<type>/<id> (spec/02 §3.4); returns the entity URL."""
+    async def spawn(
+        self, type_name: str, instance_id: str, body: dict[str, Any] | None = None
+    ) -> str:
+        """PUT /_electric/entities/<type>/<id> (spec/02 §3.4), with `{}` unless the `body`
+        (`parent`, `wake`, `initialMessage`...) is given; returns the entity URL."""
         url = f"{self.base_url}/_electric/entities/{type_name}/{quote(instance_id, safe='')}"
-        async with self.http.put(url, data=b"{}", headers=JSON_HEADERS) as resp:
+        data = json.dumps(body).encode() if body is not None else b"{}"
+        async with self.http.put(url, data=data, headers=JSON_HEADERS) as resp:
             body = await _expect(resp, (201,), f"spawn {type_name}/{instance_id}")
         entity_url: str = json.loads(body)["url"]
         return entity_url
@@ -93,6 +97,17 @@ class AgentsClient:
             body = await _expect(resp, (200,), f"get {entity_url}")
         status: str = json.loads(body)["status"]
         return status
+
+    async def put_schedule(self, entity_url: str, schedule_id: str, body: dict[str, Any]) -> None:
+        """PUT .../schedules/<id> (spec/02 §3.4): a cron schedule or a future send."""
+        url = f"{self.entity_route(entity_url)}/schedules/{quote(schedule_id, safe='')}"
+        async with self.http.put(url, data=json.dumps(body).encode(), headers=JSON_HEADERS) as resp:
+            await _expect(resp, (200,), f"schedule {schedule_id} of {entity_url}")
+
+    async def delete_schedule(self, entity_url: str, schedule_id: str) -> None:
+        url = f"{self.entity_route(entity_url)}/schedules/{quote(schedule_id, safe='')}"
+        async with self.http.delete(url) as resp:
+            await _expect(resp, (200,), f"delete schedule {schedule_id} of {entity_url}")
 
     # --- what a webhook handler does for one wake ------------------------------------------
 

@@ -16,6 +16,8 @@ class AgentsBenchConfig:
     latency_iterations: int = 300
     latency_entities: int = 8
     latency_deadline_s: float = 60.0
+    # cron tick jitter: ticks of an every-second schedule (after one unmeasured tick)
+    cron_ticks: int = 30
     # server RSS with N idle entities, on a fresh server
     entities: int = 100_000
     memory_concurrency: int = 16
@@ -25,8 +27,8 @@ class AgentsBenchConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> AgentsBenchConfig:
-        """A smoke run of every scenario, each one shrunk (about half a minute, mostly the two
-        server starts)."""
+        """A smoke run of every scenario, each one shrunk (under a minute, mostly the two
+        server starts and the cron ticks)."""
         settings: dict[str, Any] = {
             "duration_s": 1.0,
             "warmup_s": 0.2,
@@ -34,6 +36,7 @@ class AgentsBenchConfig:
             "latency_entities": 2,
             "latency_deadline_s": 20.0,
             "entities": 300,
+            "cron_ticks": 3,
         }
         settings.update(overrides)
         return cls(**settings)

@@ -38,9 +38,8 @@ MAX_FAILURES = 10
 Round = Callable[[str, bool], Awaitable[None]]
 
 
-async def _dispatched_entities(
-    client: AgentsClient, receiver: WebhookReceiver, route: str, count: int
-) -> list[str]:
+async def dispatched_type(client: AgentsClient, receiver: WebhookReceiver, route: str) -> str:
+    """A fresh type whose entities are dispatched to `route` of the receiver."""
     type_name = bench_name("hooked")
     target = {
         "type": "webhook",
@@ -48,10 +47,17 @@ async def _dispatched_entities(
         "subscription_id": f"webhook:{type_name}",
     }
     await client.register_type(type_name, target)
+    return type_name
+
+
+async def _dispatched_entities(
+    client: AgentsClient, receiver: WebhookReceiver, route: str, count: int
+) -> list[str]:
+    type_name = await dispatched_type(client, receiver, route)
     return [await client.spawn(type_name, f"e-{i}") for i in range(count)]
 
 
-async def _rounds(config: AgentsBenchConfig, entities: list[str], one_round: Round) -> int:
+async def measured_rounds(config: AgentsBenchConfig, entities: list[str], one_round: Round) -> int:
     """Warm every entity up, then measure until the iteration count or the deadline."""
     for url in entities:
         await one_round(url, False)
@@ -63,7 +69,7 @@ async def _rounds(config: AgentsBenchConfig, entities: list[str], one_round: Rou
     return done
 
 
-async def _await(receiver: WebhookReceiver, url: str, outcome: asyncio.Future[float]) -> float:
+async def await_wake(receiver: WebhookReceiver, url: str, outcome: asyncio.Future[float]) -> float:
     try:
         return await asyncio.wait_for(outcome, WAKE_TIMEOUT_S)
     except BaseException:
@@ -90,7 +96,7 @@ async def webhook_arrival(server: RunningServer, config: AgentsBenchConfig) -> W
                 await client.send(url, SEND_PAYLOAD)
                 sent = time.perf_counter()
                 try:
-                    arrived = await _await(receiver, url, expectation.arrived)
+                    arrived = await await_wake(receiver, url, expectation.arrived)
                 except TimeoutError:
                     missed += 1
                     if missed >= MAX_FAILURES:
@@ -100,7 +106,7 @@ async def webhook_arrival(server: RunningServer, config: AgentsBenchConfig) -> W
                     arrival_ms.append((arrived - expectation.sent_at) * 1000)
                     send_ms.append((sent - expectation.sent_at) * 1000)
 
-            rounds = await _rounds(config, entities, one_round)
+            rounds = await measured_rounds(config, entities, one_round)
         finally:
             await receiver.close()
     arrival = summarize_ms(arrival_ms)
@@ -140,9 +146,9 @@ async def full_cycle(server: RunningServer, config: AgentsBenchConfig) -> Worklo
                 expectation: Expectation = receiver.expect(url, time.perf_counter())
                 await client.send(url, SEND_PAYLOAD)
                 try:
-                    finished = await _await(receiver, url, expectation.finished)
+                    finished = await await_wake(receiver, url, expectation.finished)
                     # The handler's own write wakes it once more; let that end first.
-                    await _await(receiver, url, expectation.settled)
+                    await await_wake(receiver, url, expectation.settled)
                 except (TimeoutError, ProtocolError, aiohttp.ClientError) as exc:
                     failures.append(f"{url}: {type(exc).__name__}: {exc}")
                     if len(failures) >= MAX_FAILURES:
@@ -155,8 +161,8 @@ async def full_cycle(server: RunningServer, config: AgentsBenchConfig) -> Worklo
                     for step, value in expectation.steps_ms.items():
                         steps_ms[step].append(value)
 
-            rounds = await _rounds(config, entities, one_round)
-            idle = await _count_idle(client, entities)
+            rounds = await measured_rounds(config, entities, one_round)
+            idle = await count_idle(client, entities)
         finally:
             await receiver.close()
     cycle = summarize_ms(cycle_ms)
@@ -185,7 +191,7 @@ async def full_cycle(server: RunningServer, config: AgentsBenchConfig) -> Worklo
     return out
 
 
-async def _count_idle(client: AgentsClient, entities: list[str]) -> int:
+async def count_idle(client: AgentsClient, entities: list[str]) -> int:
     """How many entities are `idle` once their last done is through (polled, bounded)."""
     deadline = time.monotonic() + IDLE_TIMEOUT_S
     while True:

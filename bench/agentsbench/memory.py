@@ -1,4 +1,4 @@
-"""Scenario 5: server RSS growth with N idle entities, on a freshly started server.
+"""Scenario 7: server RSS growth with N idle entities, on a freshly started server.
 
 RSS of the server process alone (its embedded Postgres is reported separately, as summed
 PSS) once idle, then after spawning N entities (no dispatch policy, so nothing wakes them),
@@ -19,7 +19,7 @@ from streambench.processes import MemorySample, ResourceProbe
 from streambench.servers import RunningServer
 from streambench.wire import session
 
-SECTION = "5. memory with idle entities"
+SECTION = "7. memory with idle entities"
 MIB = 1024 * 1024
 SETTLE_INTERVAL_S = 0.5
 SETTLE_SAMPLES = 4  # stable = RSS moved less than SETTLE_BAND over this many samples
