@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
-import orjson
 
 from electric_agents.agents import events
 from electric_agents.agents.dispatch_links import link_dispatch
@@ -257,26 +256,10 @@ async def _snapshot(conn: asyncpg.Connection, meta: StreamMeta | None) -> Snapsh
     snapshot: Snapshot = {kind: {} for kind in _SNAPSHOT_TYPES}
     if meta is None:
         return snapshot
-    after = 0
-    while after < meta.tail:
-        messages = await store.read_messages(conn, meta, after, meta.tail)
-        if not messages:
-            break
-        for message in messages:
-            _reduce(snapshot, message.data)
-        after = messages[-1].offset
-    return snapshot
-
-
-def _reduce(snapshot: Snapshot, data: bytes) -> None:
-    # A stored JSON message is the values of one append joined by commas.
-    try:
-        values = orjson.loads(b"[" + data + b"]")
-    except orjson.JSONDecodeError:
-        return
-    for event in values:
+    for event in await store.read_json_values(conn, meta):
         if isinstance(event, dict) and event.get("type") in snapshot:
             _reduce_event(snapshot, event)
+    return snapshot
 
 
 def _reduce_event(snapshot: Snapshot, event: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ streams, `entities` sources and future sends are other side effects of the same 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +34,21 @@ def has_manifest_events(events: list[Any]) -> bool:
     return any(isinstance(e, dict) and e.get("type") == "manifest" for e in events)
 
 
+def manifest_events(events: Iterable[Any]) -> list[tuple[str, str | None, Any]]:
+    """(key, operation, value) of each well-formed `manifest` event, in order."""
+    found = []
+    for event in events:
+        if not isinstance(event, dict) or event.get("type") != "manifest":
+            continue
+        key = event.get("key")
+        if not isinstance(key, str) or not key:
+            continue
+        headers = event.get("headers")
+        operation = headers.get("operation") if isinstance(headers, dict) else None
+        found.append((key, operation, event.get("value")))
+    return found
+
+
 async def sync_manifest_wakes(
     conn: asyncpg.Connection,
     tenant: str,
@@ -42,15 +58,7 @@ async def sync_manifest_wakes(
 ) -> None:
     """For each manifest event in order: the entry's registration, or none (spec/03
     §3.6.3). An unchanged entry keeps its registration (and its timeout clock)."""
-    for event in events:
-        if not isinstance(event, dict) or event.get("type") != "manifest":
-            continue
-        key = event.get("key")
-        if not isinstance(key, str) or not key:
-            continue
-        headers = event.get("headers")
-        operation = headers.get("operation") if isinstance(headers, dict) else None
-        value = event.get("value")
+    for key, operation, value in manifest_events(events):
         spec = None
         if operation != "delete" and isinstance(value, dict):
             spec = manifest_wake_spec(owner_url, key, value, catalog)

@@ -23,7 +23,11 @@ import orjson
 
 from electric_agents.agents.entity_store import Entity, get_entity
 from electric_agents.agents.event_source_catalog import EventSourceCatalog
-from electric_agents.agents.manifest_wakes import manifest_wake_spec, sync_manifest_wakes
+from electric_agents.agents.manifest_wakes import (
+    manifest_events,
+    manifest_wake_spec,
+    sync_manifest_wakes,
+)
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedules import sync_manifest_entry
 from electric_agents.agents.wake_registration_store import upsert_registration
@@ -36,21 +40,6 @@ log = logging.getLogger(__name__)
 REHYDRATE_BATCH = 200
 
 Entries = dict[str, dict[str, Any]]  # manifest key -> the entry's current value
-
-
-def manifest_events(events: Iterable[Any]) -> list[tuple[str, str | None, Any]]:
-    """(key, operation, value) of each well-formed `manifest` event, in order."""
-    found = []
-    for event in events:
-        if not isinstance(event, dict) or event.get("type") != "manifest":
-            continue
-        key = event.get("key")
-        if not isinstance(key, str) or not key:
-            continue
-        headers = event.get("headers")
-        operation = headers.get("operation") if isinstance(headers, dict) else None
-        found.append((key, operation, event.get("value")))
-    return found
 
 
 def active_entries(events: Iterable[Any]) -> Entries:
@@ -174,7 +163,7 @@ class ManifestRehydrator:
             for row in urls:
                 try:
                     applied += await self.rehydrate(row["url"])
-                except (ApiError, asyncpg.PostgresError) as error:
+                except (ApiError, asyncpg.PostgresError, orjson.JSONDecodeError) as error:
                     log.warning("manifest rehydration of %s failed: %s", row["url"], error)
             after = urls[-1]["url"]
         if applied:
@@ -202,23 +191,8 @@ class ManifestRehydrator:
 
 
 async def _manifest_values(conn: asyncpg.Connection, stream_url: str) -> list[Any]:
-    """The `manifest` events of a JSON stream, in order. Only messages that mention one are
-    read (a stored message is the values of one append, joined by commas)."""
+    """The values of a JSON stream's messages that mention a `manifest` event, in order."""
     meta = await store.get_meta(conn, stream_url.lstrip("/"))
     if meta is None:
         return []
-    values: list[Any] = []
-    after = 0
-    while after < meta.tail:
-        messages = await store.read_messages(conn, meta, after, meta.tail)
-        if not messages:
-            break
-        for message in messages:
-            if b'"manifest"' not in message.data:
-                continue
-            try:
-                values.extend(orjson.loads(b"[" + message.data + b"]"))
-            except orjson.JSONDecodeError:
-                continue
-        after = messages[-1].offset
-    return values
+    return await store.read_json_values(conn, meta, mentioning=b'"manifest"')

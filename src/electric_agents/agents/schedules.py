@@ -24,6 +24,7 @@ from electric_agents.agents.entity_streams import append_to_main
 from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.events import iso_from_datetime
 from electric_agents.agents.manifest_owner import lock_manifest_owner
+from electric_agents.agents.manifest_wakes import manifest_events
 from electric_agents.agents.principal_entities import ensure_principal_entity
 from electric_agents.agents.principals import Principal
 from electric_agents.agents.runtime import AgentsRuntime
@@ -180,15 +181,7 @@ async def sync_manifest_schedules(runtime: AgentsRuntime, owner: Entity, events:
     or a delete cancels the key's pending send, and a cron `schedule` or `source` entry
     ensures its cron chain. Wake registrations are the wake system's part. Each event is
     its own transaction; a bad entry is logged and skipped (the append already succeeded)."""
-    for event in events:
-        if not isinstance(event, dict) or event.get("type") != "manifest":
-            continue
-        key = event.get("key")
-        if not isinstance(key, str):
-            continue
-        headers = event.get("headers")
-        operation = headers.get("operation") if isinstance(headers, dict) else None
-        value = event.get("value")
+    for key, operation, value in manifest_events(events):
         try:
             async with runtime.engine.transaction() as tx:
                 await sync_manifest_entry(tx, runtime.tenant_id, owner, key, operation, value)

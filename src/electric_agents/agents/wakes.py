@@ -42,7 +42,6 @@ from electric_agents.agents.wake_registration_store import (
 from electric_agents.errors import ApiError
 from electric_agents.streams import store
 from electric_agents.streams.engine import StreamTransaction
-from electric_agents.streams.json_mode import split_stored_values
 from electric_agents.streams.producers import MAX_PRODUCER_ID_LENGTH, ProducerHeaders
 
 log = logging.getLogger(__name__)
@@ -242,16 +241,7 @@ async def _read_all_values(conn: asyncpg.Connection, path: str) -> list[Any]:
     meta = await store.get_meta(conn, path)
     if meta is None:
         raise ApiError(404, "STREAM_NOT_FOUND", "Stream not found")
-    values: list[Any] = []
-    after = 0
-    while after < meta.tail:
-        messages = await store.read_messages(conn, meta, after, meta.tail)
-        if not messages:
-            break
-        for message in messages:
-            values.extend(split_stored_values(message.data))
-        after = messages[-1].offset
-    return values
+    return await store.read_json_values(conn, meta)
 
 
 # --- deadlines -----------------------------------------------------------------------------

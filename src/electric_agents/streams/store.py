@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
+from electric_agents.streams.json_mode import split_stored_values
 from electric_agents.streams.model import Message, StreamMeta
 
 _EXPIRED = """
@@ -106,6 +108,25 @@ async def read_messages(
     else:
         rows = await conn.fetch(_READ_OWN, meta.id, after, upto, row_limit, byte_budget)
     return [Message(row["off"], row["data"]) for row in rows]
+
+
+async def read_json_values(
+    conn: asyncpg.Connection, meta: StreamMeta, *, mentioning: bytes | None = None
+) -> list[Any]:
+    """Every value of a JSON stream, through the fork chain, on `conn` (so inside the
+    caller's transaction). With `mentioning`, only messages containing those bytes are
+    parsed: a cheap pre-filter for readers that want one event type."""
+    values: list[Any] = []
+    after = 0
+    while after < meta.tail:
+        messages = await read_messages(conn, meta, after, meta.tail)
+        if not messages:
+            break
+        for message in messages:
+            if mentioning is None or mentioning in message.data:
+                values.extend(split_stored_values(message.data))
+        after = messages[-1].offset
+    return values
 
 
 async def first_message_after(
