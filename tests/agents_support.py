@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +87,6 @@ async def spawn_entity(
     assert response.status_code == 201, response.text
     entity: dict[str, Any] = response.json()
     return entity
-
-
-async def db_connection(server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
-    """Body of a `db` fixture: a connection to the server's database."""
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def spawn(http: httpx.AsyncClient, server: ServerProcess, type_name: str) -> httpx.Response:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 
@@ -334,10 +335,24 @@ def client() -> Iterator[httpx.Client]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """An async client with room for concurrent requests."""
+    """An async client with room for concurrent requests; loopback only, so no proxies
+    from the environment."""
     limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=30.0, limits=limits, trust_env=False) as client:
         yield client
+
+
+@pytest.fixture
+async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A connection to the database of the test module's `server` fixture, whose log is
+    attached to the report if the test fails."""
+    request.node.stash.setdefault(_SERVERS_KEY, []).append(server)
+    assert server.database_url is not None
+    conn = await asyncpg.connect(server.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -144,12 +144,6 @@ async def handler() -> AsyncIterator[Handler]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
-        yield client
-
-
-@pytest.fixture
 async def db(serve_server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
     assert serve_server.database_url is not None
     connection = await asyncpg.connect(serve_server.database_url)

@@ -7,16 +7,14 @@ statuses no route reaches yet are set directly in the database.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from agents_support import (
     TENANT,
-    attach_log,
     module_serve_server,
     read_events,
     set_status,
@@ -58,23 +56,6 @@ GREETING_SCHEMA = {
 @pytest.fixture(scope="module")
 def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     yield from module_serve_server(pg_server, tmp_path_factory.mktemp("entities"))
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
 
 
 # --- helpers -------------------------------------------------------------------------------

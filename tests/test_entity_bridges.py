@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -16,8 +16,6 @@ import httpx
 import pytest
 
 from agents_support import (
-    attach_log,
-    db_connection,
     eventually,
     mint_token,
     module_serve_server,
@@ -32,13 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     yield from module_serve_server(pg_server, tmp_path_factory.mktemp("bridges"))
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    async for conn in db_connection(server):
-        yield conn
 
 
 # --- helpers -------------------------------------------------------------------------------

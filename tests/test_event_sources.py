@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    attach_log,
     eventually,
     mint_token,
     read_events,
@@ -123,23 +122,6 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield process
     finally:
         process.stop()
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
 
 
 class Api:

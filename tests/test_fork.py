@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,8 +16,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    attach_log,
-    db_connection,
     mint_token,
     module_serve_server,
     new_type,
@@ -34,13 +32,6 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     yield from module_serve_server(pg_server, tmp_path_factory.mktemp("fork"))
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    async for conn in db_connection(server):
-        yield conn
 
 
 @pytest.fixture

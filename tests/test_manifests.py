@@ -6,7 +6,6 @@ materialise the remapped entries, and a restart re-derives the registry from the
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,7 +13,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    db_connection,
     eventually,
     mint_token,
     new_type,
@@ -85,12 +83,6 @@ def entities_source(ref: str) -> dict[str, Any]:
 @pytest.fixture
 async def server(server_factory: ServerFactory) -> ServerProcess:
     return server_factory("serve")
-
-
-@pytest.fixture
-async def db(server: ServerProcess) -> AsyncIterator[Any]:
-    async for conn in db_connection(server):
-        yield conn
 
 
 async def test_entities_sources_follow_the_manifest_with_the_append(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -28,12 +27,6 @@ WAIT_S = 10.0  # what the conformance suite allows for a reply
 @pytest.fixture
 def mock_server(server_factory: ServerFactory) -> ServerProcess:
     return server_factory("serve", extra_args=["--mock-agent"])
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
-        yield client
 
 
 # --- helpers --------------------------------------------------------------------------------

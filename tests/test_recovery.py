@@ -5,7 +5,6 @@ wake or a recent start are left alone, and registrations of terminal subscribers
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,7 +12,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    db_connection,
     eventually,
     is_closed,
     new_type,
@@ -31,12 +29,6 @@ LONG_AGO_MS = 1_000_000  # an updated_at far before any grace period
 @pytest.fixture
 async def server(server_factory: ServerFactory) -> ServerProcess:
     return server_factory("serve")
-
-
-@pytest.fixture
-async def db(server: ServerProcess) -> AsyncIterator[Any]:
-    async for conn in db_connection(server):
-        yield conn
 
 
 async def force(db: Any, url: str, status: str, updated_at: int) -> None:

@@ -54,16 +54,6 @@ async def http(
         yield client
 
 
-@pytest.fixture
-async def db(server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 def sha16(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

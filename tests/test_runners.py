@@ -50,16 +50,6 @@ async def http(
         yield client
 
 
-@pytest.fixture
-async def db(server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def register(
     http: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str] = ALICE
 ) -> httpx.Response:

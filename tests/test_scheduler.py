@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    attach_log,
     eventually,
     mint_token,
     module_serve_server,
@@ -39,23 +38,6 @@ EVERY_SECOND = "*/1 * * * * *"
 @pytest.fixture(scope="module")
 def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     yield from module_serve_server(pg_server, tmp_path_factory.mktemp("scheduler"))
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
 
 
 class Api:

@@ -77,12 +77,6 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture
 async def db(
     server: ServerProcess, http: httpx.AsyncClient, request: pytest.FixtureRequest
 ) -> AsyncIterator[Any]:

@@ -188,12 +188,6 @@ async def shared_server(
     server.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
-
-
 # --- the webhook receiver -------------------------------------------------------------
 
 

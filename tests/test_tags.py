@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -19,7 +19,6 @@ import pytest
 
 from agents_support import (
     TENANT,
-    attach_log,
     mint_token,
     module_serve_server,
     read_events,
@@ -38,26 +37,9 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield from module_serve_server(pg_server, tmp_path_factory.mktemp("tags"))
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=32)
-    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
-        yield client
-
-
 async def connect(server: ServerProcess) -> Any:
     assert server.database_url is not None
     return await asyncpg.connect(server.database_url)
-
-
-@pytest.fixture
-async def db(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    attach_log(request, server)
-    conn = await connect(server)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -42,12 +42,6 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
-        yield client
-
-
-@pytest.fixture
 async def db(
     server: ServerProcess, http: httpx.AsyncClient, request: pytest.FixtureRequest
 ) -> AsyncIterator[asyncpg.Connection]:
