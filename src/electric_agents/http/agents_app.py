@@ -15,6 +15,7 @@ from electric_agents.http import (
     routes_entity_types,
     routes_fork,
     routes_runners,
+    routes_shapes,
     routes_signals,
 )
 from electric_agents.http.responses import (
@@ -53,6 +54,7 @@ def control_routes(
         *routes_entities.routes(runtime),
         *routes_fork.routes(runtime),
         *routes_runners.routes(runtime),
+        *routes_shapes.routes(runtime),
         *dispatch,
     ]
 
