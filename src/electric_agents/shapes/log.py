@@ -92,6 +92,17 @@ class ShapeLog:
         self.head = 0  # the highest position known to be sequenced
         self._advanced = asyncio.Event()
         self._nudged = asyncio.Event()
+        # True while `head` follows the log (LISTEN connected, sequenced at least once).
+        self._following = False
+
+    async def current_head(self) -> int:
+        """The sequenced head: this process's view while it follows NOTIFYs, else read."""
+        if self._following:
+            return self.head
+        async with self.pool.acquire() as conn:
+            head: int = await conn.fetchval("SELECT position FROM shape_log_head")
+        self._head_seen(head)
+        return head
 
     def _head_seen(self, head: int) -> None:
         if head > self.head:
@@ -135,7 +146,9 @@ class ShapeLog:
                         if loop.time() >= next_prune:
                             await prune(conn, self.retained_changes)
                             next_prune = loop.time() + PRUNE_INTERVAL_S
+                    self._following = listener is not None and not listener.is_closed()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                    self._following = False
                     log.warning("shape log sequencing failed, retrying: %s", error)
                     await asyncio.sleep(ERROR_PAUSE_S)
                 if listener is None or listener.is_closed():
@@ -147,6 +160,7 @@ class ShapeLog:
                     await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
                 self._nudged.clear()
         finally:
+            self._following = False
             if listener is not None:
                 await self._unlisten(listener)
 

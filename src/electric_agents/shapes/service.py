@@ -16,6 +16,7 @@ treats a handle it was told to drop as a stale cache).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import re
@@ -33,6 +34,7 @@ from electric_agents.shapes.tables import SHAPE_TABLES, ShapeTable
 from electric_agents.shapes.where import Node, parse_where, quote_literal
 
 CHANGES_PER_RESPONSE = 1000
+SHARED_READS = 256
 _OFFSET = re.compile(r"(\d{1,18})_(\d{1,18}|inf)")
 _HANDLE = re.compile(r"([0-9a-f]{16})-(\d{1,18})")
 _PARAM_KEY = re.compile(r"params\[(\d{1,4})\]")
@@ -150,6 +152,9 @@ class ShapeService:
         self.log = shape_log
         self.live_timeout_s = live_timeout_s
         self._schemas: dict[str, str] = {}
+        self._log_id_cache: str | None = None
+        # Recent change reads by (shape, after, head), shared by concurrent readers.
+        self._reads: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
 
     async def serve(
         self, request: ShapeRequest, tenant_id: str, principal_url: str
@@ -161,54 +166,94 @@ class ShapeService:
         )
         row_filter = _Filter(tenant_id, owner, where)
         schema = await self._schema(table)
+        shape_hash = _shape_hash(await self._log_id(), tenant_id, owner, request)
+        if request.offset == "-1":
+            return await self._snapshot(request, row_filter, schema, shape_hash)
+        head = await self.log.current_head()
+        if request.handle is not None and not _handle_fits(request.handle, shape_hash):
+            return _must_refetch(f"{shape_hash}-{head}")
+        handle = request.handle or f"{shape_hash}-{head}"
+        if request.offset == "now":
+            return _answer(request, handle, head, [], schema, True)
+        position = int(request.offset.split("_", 1)[0])
         deadline = time.monotonic() + self.live_timeout_s
         while True:
-            read = await self._read(request, row_filter, schema)
-            if isinstance(read, ShapeResponse):
-                return read
-            changes, last, head, handle = read
-            caught_up = last is None
-            if changes or not caught_up or not request.live:
-                next_position = head if last is None else last
-                return _answer(request, handle, next_position, changes, schema, caught_up)
-            # Live and nothing new for this shape: wait for the log to move, then look again
-            # from the head just checked (the changes up to it did not match).
+            # An offset past this process's head came from a fresher process: nothing new yet.
+            if position < head:
+                read = await self._changes_between(shape_hash, request, row_filter, position, head)
+                if read is None:
+                    return _must_refetch(f"{shape_hash}-{head}")
+                changes, last = read
+                if changes or last is not None or not request.live:
+                    next_position = head if last is None else last
+                    return _answer(request, handle, next_position, changes, schema, last is None)
+                # Nothing of this shape up to `head`: skip those changes from now on.
+                position = head
+            elif not request.live:
+                return _answer(request, handle, position, [], schema, True)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await self.log.wait_beyond(head, remaining):
-                return _answer(request, handle, head, [], schema, True)
-            request = _with_offset(request, head)
+            if remaining <= 0 or not await self.log.wait_beyond(position, remaining):
+                return _answer(request, handle, position, [], schema, True)
+            head = self.log.head
 
-    async def _read(
-        self, request: ShapeRequest, row_filter: _Filter, schema: str
-    ) -> ShapeResponse | tuple[list[dict[str, Any]], int | None, int, str]:
-        """One consistent read: a full answer, or the changes after the request's offset
-        with (last position read if cut short, head, handle)."""
-        table = request.table
+    async def _snapshot(
+        self, request: ShapeRequest, row_filter: _Filter, schema: str, shape_hash: str
+    ) -> ShapeResponse:
+        # One REPEATABLE READ transaction: every change up to `head` is in the rows.
         async with (
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            head, purged, log_id = await conn.fetchrow(
-                "SELECT position, purged_through, log_id FROM shape_log_head"
+            head: int = await conn.fetchval("SELECT position FROM shape_log_head")
+            rows = (
+                []
+                if request.changes_only
+                else await _snapshot_rows(conn, request.table, row_filter)
             )
-            shape_hash = _shape_hash(log_id, row_filter.tenant_id, row_filter.owner, request)
-            fresh_handle = f"{shape_hash}-{head}"
-            if request.offset == "-1":
-                rows = [] if request.changes_only else await _snapshot(conn, table, row_filter)
-                messages = [_insert(table, row) for row in rows]
-                return _answer(request, fresh_handle, head, messages, schema, True)
-            if request.handle is not None and not _handle_fits(request.handle, shape_hash, head):
-                return _must_refetch(fresh_handle)
-            handle = request.handle or fresh_handle
-            if request.offset == "now":
-                return _answer(request, handle, head, [], schema, True)
-            position = int(request.offset.split("_", 1)[0])
-            if position < purged or position > head:
-                return _must_refetch(fresh_handle)
-            changes, last = await _changes(
-                conn, request, row_filter, position, head, CHANGES_PER_RESPONSE
-            )
-            return changes, last, head, handle
+        messages = [_insert(request.table, row) for row in rows]
+        return _answer(request, f"{shape_hash}-{head}", head, messages, schema, True)
+
+    async def _changes_between(
+        self,
+        shape_hash: str,
+        request: ShapeRequest,
+        row_filter: _Filter,
+        after: int,
+        head: int,
+    ) -> tuple[list[dict[str, Any]], int | None] | None:
+        """The shape's changes in (after, head], read once for all requests asking for the
+        same range at the same time (a change wakes every live reader of a shape at once);
+        None when retention already dropped part of the range."""
+        key = (shape_hash, after, head)
+        shared = self._reads.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._read_changes(request, row_filter, after, head))
+            self._reads[key] = shared
+            shared.add_done_callback(lambda done: self._forget_failed(key, done))
+            while len(self._reads) > SHARED_READS:
+                self._reads.pop(next(iter(self._reads)))
+        return await asyncio.shield(shared)
+
+    def _forget_failed(self, key: tuple[str, int, int], done: asyncio.Future[Any]) -> None:
+        if (done.cancelled() or done.exception() is not None) and self._reads.get(key) is done:
+            del self._reads[key]
+
+    async def _read_changes(
+        self, request: ShapeRequest, row_filter: _Filter, after: int, head: int
+    ) -> tuple[list[dict[str, Any]], int | None] | None:
+        async with self.pool.acquire() as conn:
+            # Positions up to `head` were committed by the sequencer that set it, so a plain
+            # statement sees all of them; a prune may have removed some, hence the check.
+            read = await _changes(conn, request, row_filter, after, head, CHANGES_PER_RESPONSE)
+            purged: int = await conn.fetchval("SELECT purged_through FROM shape_log_head")
+        return None if after < purged else read
+
+    async def _log_id(self) -> str:
+        if self._log_id_cache is None:
+            async with self.pool.acquire() as conn:
+                self._log_id_cache = await conn.fetchval("SELECT log_id FROM shape_log_head")
+        assert self._log_id_cache is not None
+        return self._log_id_cache
 
     async def _schema(self, table: ShapeTable) -> str:
         cached = self._schemas.get(table.name)
@@ -240,10 +285,6 @@ class ShapeService:
         return encoded
 
 
-def _with_offset(request: ShapeRequest, position: int) -> ShapeRequest:
-    return ShapeRequest(**{**request.__dict__, "offset": f"{position}_0"})
-
-
 def _shape_hash(log_id: str, tenant_id: str, owner: str | None, request: ShapeRequest) -> str:
     definition = orjson.dumps(
         [
@@ -259,9 +300,9 @@ def _shape_hash(log_id: str, tenant_id: str, owner: str | None, request: ShapeRe
     return hashlib.sha256(definition).hexdigest()[:16]
 
 
-def _handle_fits(handle: str, shape_hash: str, head: int) -> bool:
+def _handle_fits(handle: str, shape_hash: str) -> bool:
     found = _HANDLE.fullmatch(handle)
-    return bool(found) and found.group(1) == shape_hash and int(found.group(2)) <= head
+    return bool(found) and found.group(1) == shape_hash
 
 
 def _cursor(previous: str | None) -> str:
@@ -325,7 +366,7 @@ def _text_columns(table: ShapeTable, alias: str, prefix: str = "") -> str:
     return ", ".join(f'{alias}."{c}"::text AS "{prefix}{c}"' for c in table.columns)
 
 
-async def _snapshot(
+async def _snapshot_rows(
     conn: asyncpg.Connection, table: ShapeTable, row_filter: _Filter
 ) -> list[dict[str, Any]]:
     order = ", ".join(f'r."{c}"' for c in table.primary_key)
