@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 
@@ -75,35 +76,65 @@ async def start_server(
     raise RuntimeError("server did not become ready")
 
 
+class RawHttp:
+    """A bare HTTP/1.1 keep-alive GET client: 100 httpx long-polls in one process cost more
+    CPU than the server under test, which would measure the client instead."""
+
+    def __init__(self, origin: str) -> None:
+        self.host, port = origin.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        request = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n"
+        self.writer.write(request.encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+
 @dataclass
 class Reader:
     origin: str
     seen: dict[str, float] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def run(self, client: httpx.AsyncClient) -> None:
+    async def run(self) -> None:
+        http = RawHttp(self.origin)
         params = {"table": "entities", "offset": "-1"}
         while True:
-            response = await client.get(self.origin + SHAPE_PATH, params=params)
+            status, headers, body = await http.get(SHAPE_PATH + "?" + urlencode(params))
             now = time.perf_counter()
-            if response.status_code == 409:
+            if status == 409:
                 params = {"table": "entities", "offset": "-1"}
                 continue
-            response.raise_for_status()
-            for message in response.json():
+            if status != 200:
+                raise RuntimeError(f"shape read failed: {status} {body[:200]!r}")
+            for message in json.loads(body):
                 value = message.get("value")
                 if value and message["headers"].get("operation") == "insert":
                     self.seen.setdefault(value["url"], now)
             params = {
                 "table": "entities",
-                "handle": response.headers["electric-handle"],
-                "offset": response.headers["electric-offset"],
+                "handle": headers["electric-handle"],
+                "offset": headers["electric-offset"],
             }
-            if "electric-up-to-date" in response.headers:
+            if "electric-up-to-date" in headers:
                 self.ready.set()
                 params["live"] = "true"
-                if "electric-cursor" in response.headers:
-                    params["cursor"] = response.headers["electric-cursor"]
+                if "electric-cursor" in headers:
+                    params["cursor"] = headers["electric-cursor"]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -124,24 +155,21 @@ async def bench(
             raise SystemExit("--processes 2 needs --database-url (one database for both)")
         second, read_origin = await start_server(database_url, data_dir)
         procs.append(second)
-    limits = httpx.Limits(
-        max_connections=args.readers + 20, max_keepalive_connections=args.readers + 20
-    )
-    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=60.0) as writer:
         type_name = f"bench-{uuid.uuid4().hex[:6]}"
-        registered = await client.post(
+        registered = await writer.post(
             f"{origin}/_electric/entity-types", json={"name": type_name, "description": "bench"}
         )
         registered.raise_for_status()
         readers = [Reader(read_origin) for _ in range(args.readers)]
-        tasks = [asyncio.create_task(reader.run(client)) for reader in readers]
+        tasks = [asyncio.create_task(reader.run()) for reader in readers]
         await asyncio.wait_for(asyncio.gather(*(r.ready.wait() for r in readers)), 60)
         sent: dict[str, float] = {}
         acked: dict[str, float] = {}
         for i in range(args.spawns):
             url = f"/{type_name}/e{i}"
             sent[url] = time.perf_counter()
-            response = await client.put(f"{origin}/_electric/entities{url}", json={})
+            response = await writer.put(f"{origin}/_electric/entities{url}", json={})
             acked[url] = time.perf_counter()
             response.raise_for_status()
             await asyncio.sleep(args.interval)
@@ -152,7 +180,8 @@ async def bench(
             await asyncio.sleep(0.05)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [repr(o) for o in outcomes if not isinstance(o, asyncio.CancelledError)]
     from_sent = [r.seen[u] - sent[u] for r in readers for u in sent if u in r.seen]
     from_ack = [r.seen[u] - acked[u] for r in readers for u in sent if u in r.seen]
     spawn_rtt = [acked[u] - sent[u] for u in sent]
@@ -170,6 +199,7 @@ async def bench(
         "from_spawn_sent_ms": {"p50": ms(from_sent, 50), "p99": ms(from_sent, 99)},
         "from_spawn_acked_ms": {"p50": ms(from_ack, 50), "p99": ms(from_ack, 99)},
         "spawn_rtt_ms": {"p50": ms(spawn_rtt, 50), "p99": ms(spawn_rtt, 99)},
+        "reader_failures": failures[:5],
         "mean_from_sent_ms": round(statistics.fmean(from_sent) * 1000, 2),
         "cpus": os.cpu_count(),
     }
