@@ -17,11 +17,12 @@ treats a handle it was told to drop as a stale cache).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,11 +371,22 @@ async def _snapshot_rows(
     conn: asyncpg.Connection, table: ShapeTable, row_filter: _Filter
 ) -> list[dict[str, Any]]:
     order = ", ".join(f'r."{c}"' for c in table.primary_key)
-    rows = await conn.fetch(
-        f"SELECT {_text_columns(table, 'r')} FROM {table.name} r "
-        f"WHERE {row_filter.sql('r')} ORDER BY {order}"
-    )
+    with _where_errors():
+        rows = await conn.fetch(
+            f"SELECT {_text_columns(table, 'r')} FROM {table.name} r "
+            f"WHERE {row_filter.sql('r')} ORDER BY {order}"
+        )
     return [dict(row) for row in rows]
+
+
+@contextlib.contextmanager
+def _where_errors() -> Iterator[None]:
+    """A where clause that parses but does not type-check (`created_at > 'abc'`, `url @> 1`)
+    fails in Postgres: that is the client's input, so 400, not 500."""
+    try:
+        yield
+    except (asyncpg.DataError, asyncpg.exceptions.SyntaxOrAccessError) as error:
+        raise ApiError(400, "INVALID_REQUEST", f"Invalid where clause: {error}") from None
 
 
 async def _changes(
@@ -388,8 +400,9 @@ async def _changes(
     """Change messages for log positions in (after, head]; the second value is the last
     position read when the limit cut the read short, else None (caught up to `head`)."""
     table = request.table
-    rows = await conn.fetch(
-        f"""
+    with _where_errors():
+        rows = await conn.fetch(
+            f"""
         SELECT c.position, c.txid, c.operation,
                c.new_row IS NOT NULL AND coalesce({row_filter.sql("n")}, false) AS new_in,
                c.old_row IS NOT NULL AND coalesce({row_filter.sql("o")}, false) AS old_in,
@@ -401,12 +414,12 @@ async def _changes(
         ORDER BY c.position
         LIMIT $5
         """,
-        row_filter.tenant_id,
-        table.name,
-        after,
-        head,
-        limit,
-    )
+            row_filter.tenant_id,
+            table.name,
+            after,
+            head,
+            limit,
+        )
     messages: list[dict[str, Any]] = []
     for row in rows:
         message = _change_message(table, row, request.replica_full)
