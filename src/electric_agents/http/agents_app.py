@@ -21,6 +21,7 @@ from electric_agents.http import (
     routes_mock_agent,
     routes_runners,
     routes_schedules,
+    routes_shapes,
     routes_signals,
     routes_wakes,
 )
@@ -69,6 +70,7 @@ def control_routes(
         *routes_wakes.routes(runtime),
         *routes_schedules.routes(runtime),
         *routes_event_sources.routes(runtime),
+        *routes_shapes.routes(runtime),
         *dispatch,
     ]
 
