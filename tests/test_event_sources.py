@@ -793,6 +793,47 @@ async def test_handler_rewriting_a_filtered_entry_keeps_the_filter(api: Api) -> 
     assert await api.wakes(url) == []
 
 
+async def test_a_handler_written_entry_with_expires_at_expires_too(api: Api) -> None:
+    """The manifest is the source of truth: an `expires_at` lifetime in an entry the
+    handler wrote through the stream ends the subscription as the route's would."""
+    url = await api.entity()
+    token = await mint_token(api.db, url)
+    at = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+    key = "event-source:handmade"
+    entry = {
+        "type": "manifest",
+        "key": key,
+        "headers": {"operation": "upsert"},
+        "value": {
+            "key": key,
+            "kind": "source",
+            "sourceType": "webhook",
+            "sourceRef": "hooks/h1",
+            "config": {
+                "endpointKey": "hooks",
+                "streamUrl": "/_webhooks/hooks/h1",
+                "eventSource": {"id": "handmade", "lifetime": {"kind": "expires_at", "at": at}},
+            },
+            "wake": {"on": "change", "collections": ["webhook_event"], "ops": ["insert"]},
+        },
+    }
+    response = await api.http.post(
+        api.url(url + "/main"),
+        content=orjson.dumps(entry),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code in (200, 204), response.text
+    [registration] = await api.registrations(url)
+    assert registration["manifest_key"] == key
+
+    async def expired() -> bool:
+        return await api.registrations(url) == []
+
+    await eventually(expired, "the handler-written subscription to expire")
+    operations = [m["headers"]["operation"] for m in await api.manifests(url)]
+    assert operations == ["upsert", "delete"]
+
+
 # --- no catalog, bad catalogs ----------------------------------------------------------------
 
 

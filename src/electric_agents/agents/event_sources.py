@@ -144,7 +144,9 @@ async def expire_subscription(
         raise ApiError(503, "OWNER_BUSY", f"{owner_url} is locked; expiry retried")
     owner = await get_entity(tx.conn, tenant, owner_url) if locked else None
     removed = await wake_store.delete_by_manifest_key(tx.conn, tenant, owner_url, key)
-    if owner is not None and owner.status not in ("stopped", "killed"):
+    # Nothing removed: another expiry of this subscription (a second task written by a
+    # replayed manifest, in this or another process) already ended it.
+    if removed and owner is not None and owner.status not in ("stopped", "killed"):
         await append_to_main(tx, owner, manifest_delete(key, str(uuid.uuid4()), now_ms()))
         log.info("event-source subscription %s of %s expired", key, owner_url)
     elif removed:

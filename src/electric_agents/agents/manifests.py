@@ -172,7 +172,8 @@ class ManifestRehydrator:
     async def rehydrate(self, entity_url: str) -> int:
         tenant = self.runtime.tenant_id
         async with self.runtime.engine.transaction() as tx:
-            owner = await get_entity(tx.conn, tenant, entity_url)
+            # The owner's row lock orders this with expiries and schedule changes of it.
+            owner = await get_entity(tx.conn, tenant, entity_url, for_update=True)
             if owner is None or owner.is_terminal:
                 return 0
             entries = active_entries(await _manifest_values(tx.conn, owner.main_stream))

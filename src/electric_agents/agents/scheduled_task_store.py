@@ -129,6 +129,29 @@ async def insert_event_source_expiry(
     )
 
 
+async def has_event_source_expiry(
+    conn: asyncpg.Connection,
+    tenant: str,
+    owner_entity_url: str,
+    manifest_key: str,
+    fire_at: datetime,
+) -> bool:
+    """Whether the subscription already has a pending expiry at exactly `fire_at`."""
+    found = await conn.fetchval(
+        """
+        SELECT 1 FROM scheduled_tasks
+        WHERE tenant_id = $1 AND kind = 'event_source_expiry' AND owner_entity_url = $2
+          AND manifest_key = $3 AND completed_at IS NULL AND fire_at = $4
+        LIMIT 1
+        """,
+        tenant,
+        owner_entity_url,
+        manifest_key,
+        fire_at,
+    )
+    return found is not None
+
+
 async def cancel_event_source_expiry(
     conn: asyncpg.Connection, tenant: str, owner_entity_url: str, manifest_key: str
 ) -> int:

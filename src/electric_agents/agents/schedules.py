@@ -22,6 +22,7 @@ from electric_agents.agents import wake_registration_store as wake_store
 from electric_agents.agents.entity_store import Entity, get_entity, now_ms
 from electric_agents.agents.entity_streams import append_to_main
 from electric_agents.agents.entity_type_store import get_entity_type
+from electric_agents.agents.event_source_catalog import parse_expires_at
 from electric_agents.agents.events import iso_from_datetime
 from electric_agents.agents.manifest_owner import lock_manifest_owner
 from electric_agents.agents.manifest_wakes import manifest_events
@@ -198,7 +199,19 @@ async def sync_manifest_entry(
     value: Any,
 ) -> None:
     await store.cancel_manifest_sends(tx.conn, tenant, owner.url, key)
-    if operation == "delete" or not isinstance(value, dict):
+    active = operation != "delete" and isinstance(value, dict)
+    expires_at = _event_source_expiry(value) if active else None
+    if expires_at is None:
+        await store.cancel_event_source_expiry(tx.conn, tenant, owner.url, key)
+    elif not await store.has_event_source_expiry(tx.conn, tenant, owner.url, key, expires_at):
+        # An event-source entry a handler (re)wrote itself ends when its lifetime says,
+        # like one made through the subscription route; a replay of the same entry keeps
+        # the task it already has.
+        await store.cancel_event_source_expiry(tx.conn, tenant, owner.url, key)
+        await store.insert_event_source_expiry(
+            tx.conn, tenant, owner.url, key, expires_at, "manifest"
+        )
+    if not active or expires_at is not None:
         return
     if (
         value.get("kind") == "schedule"
@@ -251,6 +264,18 @@ def _manifest_cron_spec(value: dict[str, Any]) -> tuple[str, str | None] | None:
         return None
     timezone = spec.get("timezone")
     return spec["expression"], timezone if isinstance(timezone, str) else None
+
+
+def _event_source_expiry(value: dict[str, Any]) -> datetime | None:
+    """The `expires_at` of a webhook source entry's event-source lifetime, if it has one."""
+    if value.get("kind") != "source" or value.get("sourceType") != "webhook":
+        return None
+    config = value.get("config")
+    source = config.get("eventSource") if isinstance(config, dict) else None
+    lifetime = source.get("lifetime") if isinstance(source, dict) else None
+    if not isinstance(lifetime, dict) or lifetime.get("kind") != "expires_at":
+        return None
+    return parse_expires_at(str(lifetime.get("at", "")))
 
 
 def _text(value: Any) -> str | None:
