@@ -22,8 +22,10 @@ from agents_support import (
     eventually,
     mint_token,
     module_serve_server,
+    new_type,
     read_events,
     set_status,
+    spawn_entity,
     unique_id,
 )
 from conftest import ServerFactory, ServerProcess
@@ -49,14 +51,8 @@ class Api:
         return self.server.origin + path
 
     async def entity(self) -> str:
-        type_name = unique_id("t").replace("-", "_")
-        response = await self.http.post(
-            self.url("/_electric/entity-types"), json={"name": type_name, "description": "t"}
-        )
-        assert response.status_code == 201, response.text
-        url = f"/{type_name}/{unique_id()}"
-        response = await self.http.put(self.url(f"/_electric/entities{url}"), json={})
-        assert response.status_code == 201, response.text
+        kind = await new_type(self.http, self.server, "t")
+        url: str = (await spawn_entity(self.http, self.server, kind))["url"]
         return url
 
     async def send(self, url: str, body: Any) -> httpx.Response:
