@@ -20,7 +20,6 @@ from agents_support import (
     JSON,
     TENANT,
     add_wake_registration,
-    attach_log,
     eventually,
     is_closed,
     mint_token,
@@ -77,17 +76,10 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def db(
-    server: ServerProcess, http: httpx.AsyncClient, request: pytest.FixtureRequest
-) -> AsyncIterator[Any]:
-    attach_log(request, server)
+async def db(db: asyncpg.Connection, http: httpx.AsyncClient, server: ServerProcess) -> Any:
+    """conftest's connection, with this module's type registered first."""
     await register_type(http, server, TYPE)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+    return db
 
 
 def without_offset(event: dict[str, Any]) -> dict[str, Any]:

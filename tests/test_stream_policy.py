@@ -6,7 +6,7 @@ and that every other path stays a plain stream append. Against a real `serve` pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,6 @@ import pytest
 from agents_support import (
     JSON,
     TENANT,
-    attach_log,
     eventually,
     mint_token,
     module_serve_server,
@@ -47,17 +46,10 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def db(
-    server: ServerProcess, http: httpx.AsyncClient, request: pytest.FixtureRequest
-) -> AsyncIterator[Any]:
-    attach_log(request, server)
+async def db(db: asyncpg.Connection, http: httpx.AsyncClient, server: ServerProcess) -> Any:
+    """conftest's connection, with this module's type registered first."""
     await register_type(http, server, TYPE)
-    assert server.database_url is not None
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+    return db
 
 
 async def append(

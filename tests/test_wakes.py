@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -20,12 +20,12 @@ import pytest
 from agents_support import (
     JSON,
     TENANT,
-    attach_log,
     eventually,
     mint_token,
     module_serve_server,
     read_events,
     register_type,
+    spawn_entity,
     unique_id,
 )
 from conftest import ServerFactory, ServerProcess
@@ -42,28 +42,19 @@ def server(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def db(
-    server: ServerProcess, http: httpx.AsyncClient, request: pytest.FixtureRequest
-) -> AsyncIterator[asyncpg.Connection]:
-    attach_log(request, server)
+async def db(db: asyncpg.Connection, http: httpx.AsyncClient, server: ServerProcess) -> Any:
+    """conftest's connection, with this module's type registered first."""
     await register_type(http, server, NOTE_TYPE)
-    assert server.database_url is not None
-    connection = await asyncpg.connect(server.database_url)
-    yield connection
-    await connection.close()
+    return db
 
 
 # --- helpers --------------------------------------------------------------------------------
 
 
-async def spawn_entity(
+async def spawn_url(
     http: httpx.AsyncClient, server: ServerProcess, type_name: str, **body: Any
 ) -> str:
-    response = await http.put(
-        f"{server.origin}/_electric/entities/{type_name}/{unique_id()}", json=body
-    )
-    assert response.status_code == 201, response.text
-    url: str = response.json()["url"]
+    url: str = (await spawn_entity(http, server, type_name, **body))["url"]
     return url
 
 
@@ -239,7 +230,7 @@ async def test_child_run_finishing_wakes_the_parent_once_with_its_response(
     manager_handler = await Handler().start()
     try:
         await subscribe_type(http, server, manager_type, manager_handler)
-        parent = await spawn_entity(http, server, manager_type)
+        parent = await spawn_url(http, server, manager_type)
         async with Worker(http, server, fail=fail) as worker:
             await subscribe_type(http, server, worker_type, worker.handler)
             child_id = unique_id("c")
@@ -295,8 +286,8 @@ async def test_child_run_finishing_wakes_the_parent_once_with_its_response(
 async def test_run_finished_observer_that_is_not_the_parent_gets_no_finished_child(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     response = await register_wake(
         http, server, subscriberUrl=observer, sourceUrl=source, condition="runFinished"
     )
@@ -349,8 +340,8 @@ async def test_run_finished_observer_that_is_not_the_parent_gets_no_finished_chi
 async def test_change_observer_with_debounce_gets_one_wake_for_a_burst(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     response = await register_wake(
         http,
         server,
@@ -390,8 +381,8 @@ async def test_change_observer_with_debounce_gets_one_wake_for_a_burst(
 async def test_timeout_fires_once_when_nothing_matches_and_keeps_the_registration(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     response = await register_wake(
         http,
         server,
@@ -418,8 +409,8 @@ async def test_timeout_fires_once_when_nothing_matches_and_keeps_the_registratio
 async def test_a_match_cancels_the_timeout(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http,
         server,
@@ -439,8 +430,8 @@ async def test_a_match_cancels_the_timeout(
 async def test_one_shot_registration_is_removed_at_its_first_match(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     # No route registers one-shot wakes (spec/03 §4.8); the registry supports them.
     for debounce in (0, 200):
         await db.execute(
@@ -475,7 +466,7 @@ async def _no_registrations(db: asyncpg.Connection, subscriber: str) -> bool:
 async def test_shared_state_append_wakes_an_observer(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
     path = f"/_electric/shared-state/{unique_id('db')}"
     created = await http.put(f"{server.origin}{path}", headers=JSON)
     assert created.status_code == 201, created.text
@@ -498,8 +489,8 @@ async def test_shared_state_append_wakes_an_observer(
 async def test_non_terminal_signal_is_a_change_on_the_entity(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http,
         server,
@@ -528,8 +519,8 @@ async def test_non_terminal_signal_is_a_change_on_the_entity(
 async def test_one_registration_per_manifest_key_and_no_unkeyed_duplicates(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     keyed = {"subscriberUrl": observer, "sourceUrl": source, "manifestKey": "observe:x"}
     for condition in ({"on": "change", "ops": ["update"]}, {"on": "change"}, {"on": "change"}):
         response = await register_wake(http, server, condition=condition, **keyed)
@@ -625,7 +616,7 @@ async def test_bad_registration_bodies_are_400_invalid_request(
 async def test_wake_to_a_missing_subscriber_is_dropped_without_failing_the_append(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http, server, subscriberUrl="/nobody/here", sourceUrl=source, condition={"on": "change"}
     )
@@ -646,9 +637,9 @@ async def test_pending_debounce_and_timeout_survive_kill9_and_fire_once(
     assert server.database_url is not None
     db = await asyncpg.connect(server.database_url)
     try:
-        observer = await spawn_entity(http, server, NOTE_TYPE)
-        source = await spawn_entity(http, server, NOTE_TYPE)
-        quiet = await spawn_entity(http, server, NOTE_TYPE)
+        observer = await spawn_url(http, server, NOTE_TYPE)
+        source = await spawn_url(http, server, NOTE_TYPE)
+        quiet = await spawn_url(http, server, NOTE_TYPE)
         for source_url, deadline in ((source, "debounceMs"), (quiet, "timeoutMs")):
             response = await register_wake(
                 http,
@@ -698,8 +689,8 @@ async def test_mutual_observers_appending_concurrently_all_succeed_and_all_wake(
 ) -> None:
     """A watches B and B watches A: concurrent appends lock the two streams in opposite
     orders; a deadlock victim is retried, so every append succeeds and wakes once."""
-    a = await spawn_entity(http, server, NOTE_TYPE)
-    b = await spawn_entity(http, server, NOTE_TYPE)
+    a = await spawn_url(http, server, NOTE_TYPE)
+    b = await spawn_url(http, server, NOTE_TYPE)
     for subscriber, source in ((a, b), (b, a)):
         await register_wake(
             http,
@@ -728,8 +719,8 @@ async def test_mutual_observers_appending_concurrently_all_succeed_and_all_wake(
 async def test_concurrent_burst_from_many_writers_is_one_debounced_batch(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http,
         server,
@@ -749,12 +740,12 @@ async def test_concurrent_burst_from_many_writers_is_one_debounced_batch(
 async def test_wake_to_a_closed_subscriber_stream_does_not_fail_the_source_append(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    subscriber = await spawn_entity(http, server, NOTE_TYPE)
+    subscriber = await spawn_url(http, server, NOTE_TYPE)
     killed = await http.post(
         f"{server.origin}/_electric/entities{subscriber}/signal", json={"signal": "SIGKILL"}
     )
     assert killed.status_code == 200, killed.text
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     # Registering has no ownership or status check (spec/03 §4.1 #2).
     await register_wake(
         http, server, subscriberUrl=subscriber, sourceUrl=source, condition={"on": "change"}
@@ -771,8 +762,8 @@ async def test_timeouts_and_debounce_fire_once_with_two_server_processes(
     first = server_factory("serve")
     second = server_factory("serve")
     await register_type(http, first, NOTE_TYPE)
-    observer = await spawn_entity(http, first, NOTE_TYPE)
-    sources = [await spawn_entity(http, second, NOTE_TYPE) for _ in range(6)]
+    observer = await spawn_url(http, first, NOTE_TYPE)
+    sources = [await spawn_url(http, second, NOTE_TYPE) for _ in range(6)]
     for i, source in enumerate(sources):
         origin = first if i % 2 else second
         response = await register_wake(
@@ -794,7 +785,7 @@ async def test_timeouts_and_debounce_fire_once_with_two_server_processes(
     assert all(w["value"]["timeout"] is True for w in wakes)
 
     # A burst appended through both processes is one debounced batch.
-    burst_observer = await spawn_entity(http, second, NOTE_TYPE)
+    burst_observer = await spawn_url(http, second, NOTE_TYPE)
     await register_wake(
         http,
         second,
@@ -832,8 +823,8 @@ def manifest(key: str, operation: str, value: dict[str, Any] | None = None) -> d
 async def test_manifest_entries_register_replace_and_remove_their_wake(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    owner = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    owner = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     owner_token = await mint_token(db, owner)
     source_token = await mint_token(db, source)
     key = f"observe:{source}"
@@ -866,7 +857,7 @@ async def test_spawn_wake_and_child_manifest_entry_share_one_registration(
 ) -> None:
     """The 0.4.8 fix (spec/03 §4.13): the runtime's spawn-time wake and its `child:` entry
     carry the same manifest key, so one run wakes the parent once."""
-    parent = await spawn_entity(http, server, NOTE_TYPE)
+    parent = await spawn_url(http, server, NOTE_TYPE)
     child_id = unique_id("c")
     key = f"child:{NOTE_TYPE}:{child_id}"
     spawned = await http.put(
@@ -906,7 +897,7 @@ async def test_spawn_wake_and_child_manifest_entry_share_one_registration(
 async def test_shared_state_manifest_entry_watches_the_shared_state_stream(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    owner = await spawn_entity(http, server, NOTE_TYPE)
+    owner = await spawn_url(http, server, NOTE_TYPE)
     shared_id = unique_id("db")
     path = f"/_electric/shared-state/{shared_id}"
     assert (await http.put(f"{server.origin}{path}", headers=JSON)).status_code == 201
@@ -933,8 +924,8 @@ async def test_shared_state_manifest_entry_watches_the_shared_state_stream(
 async def test_refused_source_append_wakes_no_one(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http,
         server,
@@ -963,8 +954,8 @@ async def test_event_with_a_very_long_key_still_wakes_and_appends(
 ) -> None:
     """The wake's producer id embeds the source event key; a key longer than an index row
     must neither fail the source append nor lose the wake."""
-    observer = await spawn_entity(http, server, NOTE_TYPE)
-    source = await spawn_entity(http, server, NOTE_TYPE)
+    observer = await spawn_url(http, server, NOTE_TYPE)
+    source = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http, server, subscriberUrl=observer, sourceUrl=source, condition={"on": "change"}
     )
@@ -980,7 +971,7 @@ async def test_event_with_a_very_long_key_still_wakes_and_appends(
 async def test_self_observation_does_not_cascade(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
-    entity = await spawn_entity(http, server, NOTE_TYPE)
+    entity = await spawn_url(http, server, NOTE_TYPE)
     await register_wake(
         http, server, subscriberUrl=entity, sourceUrl=entity, condition={"on": "change"}
     )
@@ -994,7 +985,7 @@ async def test_registrations_too_large_to_index_are_4xx_or_skipped_never_500(
     server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     huge = "/" + secrets.token_urlsafe(4000)  # incompressible, beyond an index row
-    owner = await spawn_entity(http, server, NOTE_TYPE)
+    owner = await spawn_url(http, server, NOTE_TYPE)
     response = await register_wake(
         http, server, subscriberUrl=owner, sourceUrl=huge, condition="runFinished"
     )
