@@ -22,14 +22,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from agentsbench import coordination, dispatch, memory, throughput
 from agentsbench.config import AgentsBenchConfig
 from streambench.model import WorkloadResult
 from streambench.processes import ProcessSupervisor
 from streambench.report import TargetReport, render
-from streambench.runner import TargetRun, environment, run_workload, write_results
+from streambench.runner import TargetRun, cli_overrides, environment, run_workload, write_results
 from streambench.servers import (
     BENCH_DIR,
     RunningServer,
@@ -89,16 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> AgentsBenchConfig:
-    overrides: dict[str, Any] = {}
-    for arg, field_name in (
-        ("entities", "entities"),
-        ("duration", "duration_s"),
-        ("iterations", "latency_iterations"),
-        ("ticks", "cron_ticks"),
-    ):
-        value = getattr(args, arg)
-        if value is not None:
-            overrides[field_name] = value
+    overrides = cli_overrides(
+        args,
+        (
+            ("entities", "entities"),
+            ("duration", "duration_s"),
+            ("iterations", "latency_iterations"),
+            ("ticks", "cron_ticks"),
+        ),
+    )
     return AgentsBenchConfig.quick(**overrides) if args.quick else AgentsBenchConfig(**overrides)
 
 

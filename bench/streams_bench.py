@@ -25,7 +25,14 @@ from typing import Any
 from streambench.model import BenchConfig, WorkloadResult
 from streambench.processes import ProcessSupervisor
 from streambench.report import TargetReport, render
-from streambench.runner import TargetRun, command_output, environment, run_workload, write_results
+from streambench.runner import (
+    TargetRun,
+    cli_overrides,
+    command_output,
+    environment,
+    run_workload,
+    write_results,
+)
 from streambench.servers import (
     BENCH_DIR,
     NODE_PACKAGES,
@@ -92,16 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
-    overrides: dict[str, Any] = {}
-    for arg, field_name in (
-        ("duration", "duration_s"),
-        ("fanout_seconds", "fanout_seconds"),
-        ("memory_streams", "memory_streams"),
-        ("long_poll_timeout_ms", "long_poll_timeout_ms"),
-    ):
-        value = getattr(args, arg)
-        if value is not None:
-            overrides[field_name] = value
+    overrides = cli_overrides(
+        args,
+        (
+            ("duration", "duration_s"),
+            ("fanout_seconds", "fanout_seconds"),
+            ("memory_streams", "memory_streams"),
+            ("long_poll_timeout_ms", "long_poll_timeout_ms"),
+        ),
+    )
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 
 

@@ -63,6 +63,16 @@ async def run_workload(
     print(f"[{run.target}] {name} done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
+def cli_overrides(args: Any, flags_to_fields: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The config fields given on the command line (`args.<flag>` -> `<field>`); flags left
+    unset keep the config's defaults."""
+    return {
+        field_name: getattr(args, flag)
+        for flag, field_name in flags_to_fields
+        if getattr(args, flag) is not None
+    }
+
+
 def command_output(argv: list[str]) -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
