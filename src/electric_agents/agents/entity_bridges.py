@@ -71,13 +71,9 @@ def _js_key_order(keys: Iterable[str]) -> list[str]:
 def canonical_tags_json(tags: dict[str, str]) -> str:
     """`JSON.stringify` of the key-sorted tags (spec/04 §6.5: no spaces, non-ASCII as is)."""
     ordered = {key: tags[key] for key in _js_key_order(tags)}
-    return json_stringify(ordered)
-
-
-def json_stringify(value: Any) -> str:
     # For objects of strings orjson writes what JSON.stringify writes: no spaces, keys in
     # insertion order, non-ASCII as is, control characters as lowercase \\u escapes.
-    return orjson.dumps(value).decode()
+    return orjson.dumps(ordered).decode()
 
 
 def fnv1a64_utf16(text: str) -> str:

@@ -18,6 +18,7 @@ of it back; nothing needs cleaning up.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 import uuid
@@ -69,9 +70,8 @@ class ForkResult:
 def parse_fork_request(document: dict[str, Any]) -> ForkRequest:
     """The body after schema validation: argument checks of spec/02 §3.4."""
     timeout = document.get("waitTimeoutMs", DEFAULT_WAIT_TIMEOUT_MS)
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
-        raise ApiError(400, "INVALID_REQUEST", "waitTimeoutMs must be a non-negative number")
-    if timeout != timeout or timeout == float("inf"):
+    valid = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not valid or not math.isfinite(timeout) or timeout < 0:
         raise ApiError(400, "INVALID_REQUEST", "waitTimeoutMs must be a non-negative number")
     instance_id = document.get("instance_id")
     if instance_id is not None and (not instance_id or "/" in instance_id):
