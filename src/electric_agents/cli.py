@@ -117,6 +117,7 @@ def run_server(settings: Settings, *, banner: str) -> int:
 
     from electric_agents.db.embedded import EmbeddedPostgres
     from electric_agents.http.app import ServerApp
+    from electric_agents.http.direct import protocol_for
 
     try:
         sock, settings = _bind(settings)
@@ -147,7 +148,8 @@ def run_server(settings: Settings, *, banner: str) -> int:
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            # Appends are answered straight from the parser; the rest goes through ASGI.
+            http=protocol_for(app),
             lifespan="on",
             access_log=False,
             log_level="warning",

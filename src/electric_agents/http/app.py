@@ -140,6 +140,14 @@ class ServerApp:
                     send, ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
                 )
 
+    def direct_append_path(self, raw_path: bytes) -> str | None:
+        """The stream a POST to `raw_path` appends to, when `__call__` would route it to
+        the stream app as a plain append (http/direct.py answers those itself)."""
+        if raw_path == b"/_electric" or raw_path.startswith(b"/_electric/"):
+            return None
+        assert self.streams_app is not None
+        return self.streams_app.appendable_path(raw_path.decode("latin-1"))
+
     async def _electric(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         if self.agents_app is not None:
             await self.agents_app(scope, receive, send)

@@ -39,6 +39,7 @@ from electric_agents.streams.offsets import (
 )
 from electric_agents.streams.producers import parse_producer_headers
 from electric_agents.streams.reads import Chunk, start_position
+from electric_agents.streams.writer import AppendRequest, AppendResult
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -92,6 +93,14 @@ class StreamsApp:
                 return None
             raw_path = raw_path[len(self.prefix) :]
         return raw_path.lstrip("/")
+
+    def appendable_path(self, raw_path: str) -> str | None:
+        """The stream a request path addresses, when an append to it goes to the append
+        route (not outside the mount, not `__ds`, not too long for a stream path)."""
+        path = self.stream_path(raw_path)
+        if not path or len(path) > MAX_PATH_BYTES or path == "__ds" or path.startswith("__ds/"):
+            return None
+        return path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -218,40 +227,62 @@ class StreamsApp:
     # POST -------------------------------------------------------------------------------
 
     async def _post(self, receive: Receive, send: Send, path: str, headers: dict[str, str]) -> None:
-        # Steps 1-4 of spec/01 §A.5, before the stream is looked up.
-        producer = parse_producer_headers(
+        # Producer header errors come before the body is read (spec/01 §A.5 steps 1-4).
+        parse_producer_headers(
             headers.get("producer-id"), headers.get("producer-epoch"), headers.get("producer-seq")
         )
         body = await read_body(receive, self.max_append_bytes)
+        result = await self.append(path, headers, body)
+        await send_response(send, result.status, result.headers)
+        await self.after_append(path, headers, body)
+
+    def prepare_append(
+        self, path: str, headers: dict[str, str], body: bytes | None
+    ) -> AppendRequest:
+        """Steps 1-4 of spec/01 §A.5, before the stream is looked up; `body` None means it
+        was larger than the append limit."""
+        producer = parse_producer_headers(
+            headers.get("producer-id"), headers.get("producer-epoch"), headers.get("producer-seq")
+        )
+        if body is None:
+            raise ApiError(
+                413, "PAYLOAD_TOO_LARGE", f"Request body exceeds {self.max_append_bytes} bytes"
+            )
         close = headers.get("stream-closed", "").lower() == "true"
         content_type = headers.get("content-type")
         if not body and not close:
             raise ApiError(400, "EMPTY_BODY", "An append needs a body")
         if body and not content_type:
             raise ApiError(400, "MISSING_CONTENT_TYPE", "An append needs a Content-Type")
+        return self.engine.append_request(
+            path,
+            content_type=content_type,
+            body=body,
+            close=close,
+            producer=producer,
+            stream_seq=headers.get("stream-seq"),
+        )
+
+    def submit_plain_append(
+        self, path: str, headers: dict[str, str], body: bytes | None
+    ) -> asyncio.Future[AppendResult] | None:
+        """The whole append through group commit when no append policy applies (the direct
+        HTTP path, http/direct.py); None when the policy must run (then use `append`)."""
+        if self.append_policy is not None:
+            return None
+        return self.engine.writer.enqueue(self.prepare_append(path, headers, body))
+
+    async def append(self, path: str, headers: dict[str, str], body: bytes | None) -> AppendResult:
+        request = self.prepare_append(path, headers, body)
         in_transaction = None
         if self.append_policy is not None:
-            in_transaction = await self.append_policy.check(path, headers, body)
+            in_transaction = await self.append_policy.check(path, headers, request.body)
         if in_transaction is None:
-            result = await self.engine.append(
-                path,
-                content_type=content_type,
-                body=body,
-                close=close,
-                producer=producer,
-                stream_seq=headers.get("stream-seq"),
-            )
-        else:
-            result = await self.engine.append_then(
-                path,
-                content_type=content_type,
-                body=body,
-                close=close,
-                producer=producer,
-                stream_seq=headers.get("stream-seq"),
-                then=in_transaction,
-            )
-        await send_response(send, result.status, result.headers)
+            return await self.engine.writer.enqueue(request)
+        return await self.engine.append_then(request, then=in_transaction)
+
+    async def after_append(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        """What the policy does once the response is out (run-finished handling)."""
         if self.append_policy is not None:
             await self.append_policy.appended(path, headers, body)
 

@@ -64,6 +64,9 @@ class StreamTransaction:
             producer=producer,
             stream_seq=stream_seq,
         )
+        return await self.append_prepared(request)
+
+    async def append_prepared(self, request: AppendRequest) -> AppendResult:
         result, publish = await self.engine.writer.append_in_transaction(self.conn, request)
         self._after_commit.append(publish)
         return result
@@ -156,19 +159,9 @@ class StreamEngine:
             producer=producer,
             stream_seq=stream_seq,
         )
-        return await self.writer.submit(request)
+        return await self.writer.enqueue(request)
 
-    async def append_then(
-        self,
-        path: str,
-        *,
-        content_type: str | None,
-        body: bytes,
-        close: bool = False,
-        producer: ProducerHeaders | None = None,
-        stream_seq: str | None = None,
-        then: InTransaction,
-    ) -> AppendResult:
+    async def append_then(self, request: AppendRequest, *, then: InTransaction) -> AppendResult:
         """Append in a transaction of its own (not group commit) and run `then` in it, so
         what the append causes (wake evaluation) commits with it or not at all. Retried
         when Postgres picks the transaction as a deadlock victim (a stream `then` did not
@@ -176,21 +169,14 @@ class StreamEngine:
         for attempt in range(DEADLOCK_RETRIES + 1):
             try:
                 async with self.transaction() as tx:
-                    await store.lock_metas(tx.conn, sorted({path, *then.also_appends_to}))
-                    result = await tx.append(
-                        path,
-                        content_type=content_type,
-                        body=body,
-                        close=close,
-                        producer=producer,
-                        stream_seq=stream_seq,
-                    )
+                    await store.lock_metas(tx.conn, sorted({request.path, *then.also_appends_to}))
+                    result = await tx.append_prepared(request)
                     await then.run(tx, result)
                 return result
             except asyncpg.DeadlockDetectedError:
                 if attempt == DEADLOCK_RETRIES:
                     raise
-                log.info("append to %s lost a deadlock; retrying", path)
+                log.info("append to %s lost a deadlock; retrying", request.path)
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from electric_agents.db.held import HeldConnections
 from electric_agents.errors import ApiError
 from electric_agents.streams import store
 from electric_agents.streams.hub import CHANNEL, StreamHub
@@ -115,7 +116,7 @@ class _WorkingStream:
 
 class AppendWriter:
     def __init__(self, pool: asyncpg.Pool, hub: StreamHub) -> None:
-        self._pool = pool
+        self._connections = HeldConnections(pool, keep=MAX_IN_FLIGHT + 1)
         self._hub = hub
         self._cache = WriteCache()
         self._queue: list[AppendRequest] = []
@@ -145,15 +146,18 @@ class AppendWriter:
             self._fail(batch, stopping)
         self._fail(self._queue, stopping)
         self._queue.clear()
+        await self._connections.close()
 
     def forget(self, path: str) -> None:
         """Drop cached state for a stream changed outside the writer (create, delete)."""
         self._cache.forget(path)
 
-    async def submit(self, request: AppendRequest) -> AppendResult:
+    def enqueue(self, request: AppendRequest) -> asyncio.Future[AppendResult]:
+        """Queue an append for the next batch; the future resolves once it is committed
+        (or fails with its ApiError)."""
         self._queue.append(request)
         self._wakeup.set()
-        return await request.future
+        return request.future
 
     async def _run(self) -> None:
         """Take batches off the queue. A batch whose streams are all cached is checked in
@@ -279,7 +283,7 @@ class AppendWriter:
         outcomes: list[AppendResult | ApiError],
     ) -> None:
         async def commit() -> bool:
-            async with self._pool.acquire() as conn:
+            async with self._connections.connection() as conn:
                 return await self._write(conn, working)
 
         try:
@@ -306,7 +310,7 @@ class AppendWriter:
         entries = {p: e for p in paths if (e := self._cache.get(p)) is not None}
         missing = [p for p in paths if p not in entries]
         if missing:
-            async with self._pool.acquire() as conn:
+            async with self._connections.connection() as conn:
                 for meta in (await store.get_metas(conn, missing)).values():
                     entry = self._cache.put_fresh(meta)
                     if entry is not None:
@@ -320,7 +324,7 @@ class AppendWriter:
         }
         if wanted:
             keys = [(entries[path].meta.id, pid) for path, pid in wanted]
-            async with self._pool.acquire() as conn:
+            async with self._connections.connection() as conn:
                 found = await store.fetch_producers(
                     conn, [k[0] for k in keys], [k[1] for k in keys]
                 )
@@ -333,7 +337,7 @@ class AppendWriter:
     # The locking path: any stream not cached as current ---------------------------------
 
     async def _commit_locked(self, batch: list[AppendRequest]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connections.connection() as conn, conn.transaction():
             working, outcomes = await self._apply_locked(conn, batch)
         self._after_locked_commit(batch, working, outcomes)
 

@@ -1,0 +1,198 @@
+"""Stream appends served straight from the HTTP parser, without an ASGI round.
+
+An append is the server's hottest request. Through ASGI each one costs a task, a scope dict,
+two message dicts and two socket writes; that was most of the Python time per append. This
+protocol is uvicorn's httptools protocol with one change: a POST to a stream path is parsed
+here, handed to the append writer, and answered with one write when its batch commits
+(`StreamsApp.prepare_append` applies the same checks the ASGI route does). Everything else,
+including an append that arrives while an earlier request on the connection is still being
+answered (HTTP pipelining), goes through ASGI unchanged.
+
+It relies on uvicorn's protocol internals (`cycle`, `pipeline`, `on_response_complete`), so
+uvicorn is pinned to a tested version in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from electric_agents.errors import ApiError
+from electric_agents.http.responses import COMMON_HEADERS, JSON_CONTENT_TYPE
+from electric_agents.streams.writer import AppendResult
+
+if TYPE_CHECKING:
+    from electric_agents.http.app import ServerApp
+    from electric_agents.http.streams_app import StreamsApp
+
+log = logging.getLogger(__name__)
+
+_COMMON_HEADER_BYTES = b"".join(name + b": " + value + b"\r\n" for name, value in COMMON_HEADERS)
+_INTERNAL_ERROR = ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+
+
+class _NoEvent:
+    """Stands in for the ASGI cycle's body event, which only ASGI receivers wait on."""
+
+    @staticmethod
+    def set() -> None:
+        return None
+
+
+_NO_EVENT = _NoEvent()
+
+
+class DirectAppend:
+    """One append being answered directly; takes the place of uvicorn's request cycle while
+    it lasts (uvicorn reads `response_complete`, `disconnected`, `keep_alive` and
+    `message_event` on shutdown, disconnect and pipelining)."""
+
+    __slots__ = ("body", "disconnected", "keep_alive", "path", "response_complete", "too_large")
+
+    message_event = _NO_EVENT
+
+    def __init__(self, path: str, keep_alive: bool) -> None:
+        self.path = path
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.too_large = False
+        self.response_complete = False
+        self.disconnected = False
+
+
+class DirectAppendProtocol(HttpToolsProtocol):
+    server_app: ServerApp  # set on the subclass made by `protocol_for`
+
+    def on_headers_complete(self) -> None:
+        streams = self._direct_streams_app()
+        if streams is None:
+            super().on_headers_complete()
+            return
+        path = self.server_app.direct_append_path(httptools.parse_url(self.url).path)
+        if path is None:
+            super().on_headers_complete()
+            return
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self.cycle = DirectAppend(path, keep_alive)  # type: ignore[assignment]
+
+    def _direct_streams_app(self) -> StreamsApp | None:
+        """The stream app, when this request may be answered directly: a POST, with no
+        earlier request on the connection still in progress, no upgrade, no 100-continue."""
+        if self.parser.get_method() != b"POST" or self.expect_100_continue:
+            return None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            return None
+        if self.parser.should_upgrade():
+            return None
+        app = self.server_app
+        return app.streams_app if app.ready else None
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.cycle
+        if type(exchange) is not DirectAppend:
+            super().on_body(body)
+            return
+        if exchange.too_large:
+            return
+        exchange.body += body
+        if len(exchange.body) > self.server_app.settings.max_append_bytes:
+            exchange.too_large = True
+            exchange.body = bytearray()
+
+    def on_message_complete(self) -> None:
+        exchange = self.cycle
+        if type(exchange) is not DirectAppend:
+            super().on_message_complete()
+            return
+        streams = self.server_app.streams_app
+        assert streams is not None
+        headers: dict[str, str] = {}
+        for name, value in self.headers:
+            key = name.decode("latin-1")
+            if key not in headers:
+                headers[key] = value.decode("latin-1")
+        body = None if exchange.too_large else bytes(exchange.body)
+        exchange.body = bytearray()
+        try:
+            future = streams.submit_plain_append(exchange.path, headers, body)
+        except ApiError as error:
+            self._answer_error(exchange, error)
+            return
+        if future is None:
+            task = self.loop.create_task(self._policy_append(streams, exchange, headers, body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        future.add_done_callback(lambda done: self._append_done(exchange, done))
+
+    def _append_done(self, exchange: DirectAppend, done: asyncio.Future[AppendResult]) -> None:
+        error = done.exception()
+        if error is None:
+            result = done.result()
+            self._answer(exchange, result.status, result.headers, b"")
+        elif isinstance(error, ApiError):
+            self._answer_error(exchange, error)
+        else:
+            log.error("append to %s failed", exchange.path, exc_info=error)
+            self._answer_error(exchange, _INTERNAL_ERROR)
+
+    async def _policy_append(
+        self,
+        streams: StreamsApp,
+        exchange: DirectAppend,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> None:
+        """An append the mounting application's policy must check first (entity streams)."""
+        try:
+            result = await streams.append(exchange.path, headers, body)
+        except ApiError as error:
+            self._answer_error(exchange, error)
+            return
+        except Exception:
+            log.exception("unhandled error on POST %s", exchange.path)
+            self._answer_error(exchange, _INTERNAL_ERROR)
+            return
+        self._answer(exchange, result.status, result.headers, b"")
+        assert body is not None
+        await streams.after_append(exchange.path, headers, body)
+
+    def _answer_error(self, exchange: DirectAppend, error: ApiError) -> None:
+        headers = {"Content-Type": JSON_CONTENT_TYPE, **error.headers}
+        self._answer(exchange, error.status, headers, orjson.dumps(error.envelope()))
+
+    def _answer(
+        self, exchange: DirectAppend, status: int, headers: dict[str, str], body: bytes
+    ) -> None:
+        """Write the whole response at once, then let uvicorn start the next request."""
+        if exchange.disconnected or exchange.response_complete:
+            return
+        parts = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            parts.append(name + b": " + value + b"\r\n")
+        for name, text in headers.items():
+            parts.append(f"{name.lower()}: {text}\r\n".encode("latin-1"))
+        parts.append(_COMMON_HEADER_BYTES)
+        if status not in (204, 304):
+            parts.append(b"content-length: %d\r\n" % len(body))
+        if not exchange.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self.transport.write(b"".join(parts))
+        exchange.response_complete = True
+        if not exchange.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+def protocol_for(server_app: ServerApp) -> type[DirectAppendProtocol]:
+    """The uvicorn `http` protocol class serving `server_app`'s appends directly."""
+    attributes: dict[str, Any] = {"server_app": server_app}
+    return type("ServerAppProtocol", (DirectAppendProtocol,), attributes)
