@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from electric_agents.db.held import HeldConnections
 from electric_agents.errors import ApiError
 from electric_agents.streams import lifecycle, store
 from electric_agents.streams.hub import StreamHub
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 60.0
 DEADLOCK_RETRIES = 3
+# Connections kept for reads between requests; more concurrent reads borrow from the pool.
+READ_CONNECTIONS_KEPT = 4
 
 
 class StreamTransaction:
@@ -91,6 +94,8 @@ class StreamEngine:
         self.pool = pool
         self.hub = StreamHub()
         self.writer = AppendWriter(pool, self.hub)
+        # Reads run short statements that leave no session state (see db/held.py).
+        self._read_connections = HeldConnections(pool, keep=READ_CONNECTIONS_KEPT)
         self.read_cache = ReadCache()
         self._database_url = database_url
         self._sweeper: asyncio.Task[None] | None = None
@@ -106,6 +111,7 @@ class StreamEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.writer.stop()
+        await self._read_connections.close()
         await self.hub.stop()
 
     async def _sweep_forever(self) -> None:
@@ -128,7 +134,7 @@ class StreamEngine:
         await lifecycle.delete_stream(self.pool, self.hub, path)
 
     async def head(self, path: str) -> StreamMeta:
-        async with self.pool.acquire() as conn:
+        async with self._read_connections.connection() as conn:
             return require_live(await store.get_meta(conn, path))
 
     @contextlib.asynccontextmanager
@@ -206,11 +212,11 @@ class StreamEngine:
 
     async def catch_up(self, path: str, after: int | None) -> tuple[StreamMeta, Chunk]:
         """A catch-up read from `after` (None: `offset=now`)."""
-        async with self.pool.acquire() as conn:
+        async with self._read_connections.connection() as conn:
             meta = require_live(await store.get_meta(conn, path, touch=True))
             if after is None:
                 return meta, Chunk([], meta.tail, True, meta.closed)
             return meta, await read_chunk(conn, meta, after, self.read_cache)
 
     def live(self, path: str) -> LiveSession:
-        return LiveSession(self.pool, self.hub, self.read_cache, path)
+        return LiveSession(self._read_connections, self.hub, self.read_cache, path)

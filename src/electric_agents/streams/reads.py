@@ -8,6 +8,7 @@ from types import TracebackType
 
 import asyncpg
 
+from electric_agents.db.held import HeldConnections
 from electric_agents.streams import store
 from electric_agents.streams.hub import StreamHub, Watch
 from electric_agents.streams.lifecycle import require_live
@@ -57,8 +58,10 @@ class LiveSession:
     """A long-poll or SSE reader: registered with the hub before it reads the stream row, so
     no commit slips between its read and its wait."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, cache: ReadCache, path: str) -> None:
-        self._pool = pool
+    def __init__(
+        self, connections: HeldConnections, hub: StreamHub, cache: ReadCache, path: str
+    ) -> None:
+        self._connections = connections
         self._hub = hub
         self._cache = cache
         self._path = path
@@ -69,7 +72,7 @@ class LiveSession:
     async def __aenter__(self) -> LiveSession:
         self._watch = self._watch_cm.__enter__()
         try:
-            async with self._pool.acquire() as conn:
+            async with self._connections.connection() as conn:
                 self.meta = require_live(await store.get_meta(conn, self._path, touch=True))
         except BaseException:
             self._watch_cm.__exit__(None, None, None)
@@ -97,7 +100,7 @@ class LiveSession:
             if watch.stale:
                 # Deleted, or notifications were interrupted: trust only the database.
                 watch.stale = False
-                async with self._pool.acquire() as conn:
+                async with self._connections.connection() as conn:
                     fresh = require_live(await store.get_meta(conn, self._path))
                 if fresh.id != meta.id:
                     require_live(None)
@@ -118,7 +121,7 @@ class LiveSession:
         if cached:
             next_offset = cached[-1].offset
             return Chunk(cached, next_offset, next_offset >= tail, closed and next_offset >= tail)
-        async with self._pool.acquire() as conn:
+        async with self._connections.connection() as conn:
             return await read_chunk(
                 conn, replace(meta, tail=tail, closed=closed), after, self._cache
             )
