@@ -45,6 +45,8 @@ MAX_IN_FLIGHT = 4
 
 T = TypeVar("T")
 
+# Raised by ds_append_batch when a stream is no longer as the batch expected it.
+STREAM_MOVED_SQLSTATE = "EA001"
 _APPEND_BATCH = (
     "SELECT ds_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
     " $15, $16, $17, $18)"
@@ -404,28 +406,33 @@ class AppendWriter:
             (w.meta.id, pid, state) for w in touched for pid, state in w.producer_updates.items()
         ]
         closed_by = [w.closed_by or (None, None, None) for w in touched]
-        moved = await conn.fetchval(
-            _APPEND_BATCH,
-            [w.meta.id for w in touched],
-            [w.meta.tail for w in touched],
-            [w.meta.closed for w in touched],
-            [w.tail for w in touched],
-            [w.closed for w in touched],
-            [c[0] for c in closed_by],
-            [c[1] for c in closed_by],
-            [c[2] for c in closed_by],
-            [w.last_stream_seq for w in touched],
-            [sid for sid, _ in messages],
-            [m.offset for _, m in messages],
-            [m.data for _, m in messages],
-            [sid for sid, _, _ in producers],
-            [pid for _, pid, _ in producers],
-            [state.epoch for _, _, state in producers],
-            [state.last_seq for _, _, state in producers],
-            CHANNEL,
-            self._notify_payloads(working),
-        )
-        return bool(moved)
+        try:
+            await conn.execute(
+                _APPEND_BATCH,
+                [w.meta.id for w in touched],
+                [w.meta.tail for w in touched],
+                [w.meta.closed for w in touched],
+                [w.tail for w in touched],
+                [w.closed for w in touched],
+                [c[0] for c in closed_by],
+                [c[1] for c in closed_by],
+                [c[2] for c in closed_by],
+                [w.last_stream_seq for w in touched],
+                [sid for sid, _ in messages],
+                [m.offset for _, m in messages],
+                [m.data for _, m in messages],
+                [sid for sid, _, _ in producers],
+                [pid for _, pid, _ in producers],
+                [state.epoch for _, _, state in producers],
+                [state.last_seq for _, _, state in producers],
+                CHANNEL,
+                self._notify_payloads(working),
+            )
+        except asyncpg.PostgresError as error:
+            if error.sqlstate == STREAM_MOVED_SQLSTATE:
+                return True
+            raise
+        return False
 
     # Shared by both paths ----------------------------------------------------------------
 
