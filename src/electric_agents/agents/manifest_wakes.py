@@ -121,30 +121,30 @@ def _source_url(entry: dict[str, Any]) -> str | None:
     """The watched URL of a manifest entry (spec/03 §3.6.1), by kind."""
     kind = entry.get("kind")
     if kind in ("child", "observe"):
-        return _string(entry.get("entity_url"))
+        return non_empty_string(entry.get("entity_url"))
     if kind == "shared-state":
-        shared_id = _string(entry.get("id"))
+        shared_id = non_empty_string(entry.get("id"))
         return f"/_electric/shared-state/{shared_id}" if shared_id else None
     if kind != "source":
         # `schedule` entries are registered by the schedule routes; effects and context
         # entries have no wake.
         return None
     config = entry.get("config") if isinstance(entry.get("config"), dict) else {}
-    ref = _string(entry.get("sourceRef"))
+    ref = non_empty_string(entry.get("sourceRef"))
     source_type = entry.get("sourceType")
     if source_type == "entity":
-        return _string(config.get("entityUrl")) or ref
+        return non_empty_string(config.get("entityUrl")) or ref
     if source_type == "cron":
         return f"/_cron/{ref}" if ref else None
     if source_type == "entities":
         return f"/_entities/{ref}" if ref else None
     if source_type == "db":
-        shared_id = _string(config.get("id")) or ref
+        shared_id = non_empty_string(config.get("id")) or ref
         return f"/_electric/shared-state/{shared_id}" if shared_id else None
     if source_type == "webhook":
         # `config.streamUrl`, else the path of `endpointKey` + `bucket` (0.4.9).
-        stream_url = _string(config.get("streamUrl"))
-        endpoint_key = _string(config.get("endpointKey"))
+        stream_url = non_empty_string(config.get("streamUrl"))
+        endpoint_key = non_empty_string(config.get("endpointKey"))
         if stream_url is not None or endpoint_key is None:
             return stream_url
         bucket = config.get("bucket")
@@ -171,7 +171,8 @@ def _event_source_filter(
     )
 
 
-def _string(value: Any) -> str | None:
+def non_empty_string(value: Any) -> str | None:
+    """A manifest field that must be a non-empty string, or None."""
     return value if isinstance(value, str) and value else None
 
 

@@ -25,7 +25,7 @@ from electric_agents.agents.entity_type_store import get_entity_type
 from electric_agents.agents.event_source_catalog import parse_expires_at
 from electric_agents.agents.events import iso_from_datetime
 from electric_agents.agents.manifest_owner import lock_manifest_owner
-from electric_agents.agents.manifest_wakes import manifest_events
+from electric_agents.agents.manifest_wakes import manifest_events, non_empty_string
 from electric_agents.agents.principal_entities import ensure_principal_entity
 from electric_agents.agents.principals import Principal
 from electric_agents.agents.runtime import AgentsRuntime
@@ -237,13 +237,13 @@ async def _schedule_manifest_send(
     if not isinstance(producer_id, str) or not producer_id:
         producer_id = f"future-send-{uuid.uuid4()}"
     task_payload: dict[str, Any] = {
-        "entityUrl": _text(entry.get("targetUrl")) or owner.url,
-        "from": _text(entry.get("senderUrl")) or owner.url,
+        "entityUrl": non_empty_string(entry.get("targetUrl")) or owner.url,
+        "from": non_empty_string(entry.get("senderUrl")) or owner.url,
         "key": f"scheduled-{producer_id}",
     }
     if "payload" in entry:
         task_payload["payload"] = entry["payload"]
-    if _text(entry.get("messageType")):
+    if non_empty_string(entry.get("messageType")):
         task_payload["type"] = entry["messageType"]
     task_payload["producerId"] = producer_id
     task_payload["manifest"] = {"ownerEntityUrl": owner.url, "key": key, "entry": entry}
@@ -276,10 +276,6 @@ def _event_source_expiry(value: dict[str, Any]) -> datetime | None:
     if not isinstance(lifetime, dict) or lifetime.get("kind") != "expires_at":
         return None
     return parse_expires_at(str(lifetime.get("at", "")))
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def parse_fire_at(text: str) -> datetime:
