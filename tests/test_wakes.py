@@ -252,7 +252,7 @@ async def test_child_run_finishing_wakes_the_parent_once_with_its_response(
             assert again.status_code == 204, again.text
 
             wakes = await wait_for_wakes(http, server, parent, 1)
-            await worker.handler.wait_for_wakes(2)
+            await worker.handler.wait_for_deliveries(2)
         assert not worker.errors, worker.errors
         (registration,) = await registrations(db, parent)
         assert registration["manifest_key"] == manifest_key
@@ -275,7 +275,7 @@ async def test_child_run_finishing_wakes_the_parent_once_with_its_response(
             expected["error"] = "boom"
         assert value["finished_child"] == expected
         # The wake event wakes the parent's handler through its dispatch link.
-        woken = await manager_handler.wait_for_wakes(1)
+        woken = await manager_handler.wait_for_deliveries(1)
         assert woken[0].body["entity"]["url"] == parent
         # Exactly one wake, also after the child's later wakes settled.
         assert len(await wakes_in(http, server, parent)) == 1
