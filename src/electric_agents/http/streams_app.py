@@ -38,7 +38,7 @@ from electric_agents.streams.offsets import (
     parse_read_offset,
 )
 from electric_agents.streams.producers import parse_producer_headers
-from electric_agents.streams.reads import Chunk, start_position
+from electric_agents.streams.reads import Chunk, encode_messages, response_body, start_position
 from electric_agents.streams.writer import AppendRequest, AppendResult
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -344,7 +344,7 @@ class StreamsApp:
         if headers.get("if-none-match") == etag:
             await send_response(send, 304, {"ETag": etag})
             return
-        await send_response(send, 200, out, _body(meta, chunk.messages))
+        await send_response(send, 200, out, response_body(meta, chunk))
 
     async def _long_poll(
         self, send: Send, path: str, offset: int | str | None, cursor: str | None
@@ -372,7 +372,7 @@ class StreamsApp:
             await send_response(send, 204, out)
             return
         out["ETag"] = _etag(path, offset, after, chunk)
-        await send_response(send, 200, out, _body(meta, chunk.messages))
+        await send_response(send, 200, out, response_body(meta, chunk))
 
     async def _sse(
         self,
@@ -450,12 +450,6 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-def _body(meta: StreamMeta, messages: list[Message]) -> bytes:
-    if meta.is_json:
-        return b"[" + b",".join(m.data for m in messages) + b"]"
-    return b"".join(m.data for m in messages)
-
-
 def _etag(path: str, offset: int | str | None, after: int, chunk: Chunk) -> str:
     """Names (stream, start, end), and changes once the stream closes (spec/01 §A.13)."""
     start = "-1" if offset is None or offset == -1 else format_offset(after)
@@ -468,7 +462,7 @@ _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 def _data_event(meta: StreamMeta, messages: list[Message], binary: bool) -> bytes:
-    payload = _body(meta, messages)
+    payload = encode_messages(meta, messages)
     # Text is split on every line-break form so stored data cannot inject an SSE event.
     lines = [base64.b64encode(payload)] if binary else _LINE_BREAK.split(payload)
     return b"event: data\n" + b"".join(b"data:" + line + b"\n" for line in lines) + b"\n"

@@ -24,6 +24,22 @@ class Chunk:
     next_offset: int
     up_to_date: bool
     closed: bool  # the stream is closed and this chunk reaches its final offset
+    # The messages as a response body, when the read cache already had it encoded.
+    encoded: bytes | None = None
+
+
+def response_body(meta: StreamMeta, chunk: Chunk) -> bytes:
+    """The bytes a read returns: a JSON stream's values as one array (spec/01 §A.14), any
+    other stream's messages concatenated."""
+    if chunk.encoded is not None:
+        return chunk.encoded
+    return encode_messages(meta, chunk.messages)
+
+
+def encode_messages(meta: StreamMeta, messages: list[Message]) -> bytes:
+    if meta.is_json:
+        return b"[" + b",".join(m.data for m in messages) + b"]"
+    return b"".join(m.data for m in messages)
 
 
 def start_position(offset: int | str | None, meta: StreamMeta) -> int:
@@ -41,17 +57,19 @@ async def read_chunk(
 ) -> Chunk:
     """Messages after `after` up to the tail in `meta` (a consistent upper bound)."""
     messages: list[Message] = []
+    encoded = None
     if after < meta.tail:
         cached = cache.get(meta.id, after, meta.tail)
         if cached is None:
             messages = await store.read_messages(conn, meta, after, meta.tail)
-            cache.put(meta.id, after, meta.tail, messages)
+            encoded = encode_messages(meta, messages)
+            cache.put(meta.id, after, meta.tail, messages, encoded)
         else:
-            messages = cached
+            messages, encoded = cached.messages, cached.body
     # With nothing to return (at, or beyond, the tail) the reader is sent to the tail.
     next_offset = messages[-1].offset if messages else meta.tail
     up_to_date = next_offset >= meta.tail
-    return Chunk(messages, next_offset, up_to_date, meta.closed and up_to_date)
+    return Chunk(messages, next_offset, up_to_date, meta.closed and up_to_date, encoded)
 
 
 class LiveSession:
