@@ -250,3 +250,39 @@ def test_long_catch_up_resumes_exactly_across_chunks(
         rest, tail = read_all(client, url, boundary)
         assert rest == data[position:], f"resume from {boundary} is not byte-exact"
         assert tail == offset
+
+
+# --- shared encodings: SSE data events and catch-up bodies ---------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_recreated_stream_never_gets_the_old_streams_encoded_events(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    """SSE data events and catch-up bodies are encoded once per (stream, range) and shared
+    by readers; a stream deleted and created again under the same path, with other data at
+    the same offsets, must be read as its new self."""
+    url = shared_server.url(unique_name("recreated"))
+    # Larger than the read cache's smallest kept range (16 KiB), same length each life.
+    for content in (b"first-life" * 2000, b"other-life" * 2000):
+        create_stream(client, url, "text/plain")
+        append(client, url, content)
+        for _ in range(2):  # the second SSE read and catch-up come from the shared encodings
+            assert (await sse_text(url)) == content
+            assert read_all(client, url)[0] == content
+        assert client.delete(url).status_code == 204
+
+
+async def sse_text(url: str) -> bytes:
+    """What an SSE read from the start of a text stream delivers until it is up to date."""
+    data = b""
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("GET", url, params={"offset": "-1", "live": "sse"}) as response,
+    ):
+        async for event in sse_events(response):
+            if event.event == "data":
+                data += event.data.encode()
+            elif event.event == "control" and event.control().get("upToDate"):
+                return data
+    raise AssertionError("SSE ended before it was up to date")

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
@@ -64,6 +65,9 @@ MAX_TTL_SECONDS = (1 << 31) - 1
 MAX_SUB_OFFSET = (1 << 31) - 1
 # Longer paths cannot be indexed (Postgres limits index rows to about 2.7 kB).
 MAX_PATH_BYTES = 1024
+# SSE data events kept for other readers of the same range: how many, and how large.
+MAX_MEMO_EVENTS = 256
+MAX_MEMO_EVENT_BYTES = 256 * 1024
 _STREAM_METHODS = "GET, HEAD, PUT, POST, DELETE, OPTIONS"
 _CATCH_UP_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300"
 
@@ -85,6 +89,8 @@ class StreamsApp:
         self.max_append_bytes = max_append_bytes
         self.control_app = control_app
         self.append_policy = append_policy
+        # SSE data events by (stream id, start, end): the same bytes for every reader.
+        self._recent_events: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
 
     def stream_path(self, raw_path: str) -> str | None:
         """The stream path under the mount (no leading slash), or None if outside it."""
@@ -407,7 +413,7 @@ class StreamsApp:
                         continue
                     event = b""
                     if chunk.messages:
-                        event = _data_event(meta, chunk.messages, binary)
+                        event = self._data_event(meta, after, chunk, binary)
                     cur = None if chunk.closed else next_cursor(cursor)
                     event += _control_event(chunk.next_offset, cur, chunk.up_to_date, chunk.closed)
                     await emit(event)
@@ -429,6 +435,19 @@ class StreamsApp:
                 with contextlib.suppress(ApiError):
                     pump_task.result()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _data_event(self, meta: StreamMeta, after: int, chunk: Chunk, binary: bool) -> bytes:
+        """The SSE data event for a chunk; readers following one stream get the same
+        chunks, so each is encoded once (bounded memo of recent events)."""
+        key = (meta.id, after, chunk.next_offset)
+        event = self._recent_events.get(key)
+        if event is None:
+            event = _data_event(meta, chunk.messages, binary)
+            if len(event) <= MAX_MEMO_EVENT_BYTES:
+                self._recent_events[key] = event
+                if len(self._recent_events) > MAX_MEMO_EVENTS:
+                    self._recent_events.popitem(last=False)
+        return event
 
     @staticmethod
     def _chunk_headers(meta: StreamMeta, chunk: Chunk) -> dict[str, str]:

@@ -70,12 +70,22 @@ class Watch:
         """The cached messages after `offset`, or None if the cache cannot answer."""
         if self.recent_start < 0 or offset < self.recent_start or offset > self.tail:
             return None
-        return [m for m in self.recent if m.offset > offset]
+        # Readers are usually at or near the tail: walk back from the newest message.
+        after: list[Message] = []
+        for message in reversed(self.recent):
+            if message.offset <= offset:
+                break
+            after.append(message)
+        after.reverse()
+        return after
 
     async def wait(self, timeout: float) -> bool:
         """Wait for the next change; False on timeout."""
+        # asyncio.timeout, unlike wait_for, makes no task per wait (100 SSE readers on one
+        # stream wait once per message each).
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             return False
         return True
