@@ -1,5 +1,5 @@
 """What the append writer last knew of the streams it writes, so a batch can be checked in
-memory and committed in one round trip (see `ds_append_batch`, migration 0013).
+memory and committed in one round trip (`_APPEND_BATCH` in writer.py).
 
 The database stays the authority: the commit verifies each stream's tail and closed state
 still match, and on any difference the entries are dropped and the batch takes the locking

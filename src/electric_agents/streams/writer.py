@@ -45,12 +45,40 @@ MAX_IN_FLIGHT = 4
 
 T = TypeVar("T")
 
-# Raised by ds_append_batch when a stream is no longer as the batch expected it.
+# One statement commits a batch. The conditional UPDATE is the check that no other process
+# appended to, closed or deleted a stream since the writer last saw it (it takes the row
+# locks; under READ COMMITTED it re-checks a row another commit changed while it waited).
+# If a stream moved on, `ds_stream_moved()` raises EA001 and the statement rolls back; the
+# message insert may instead hit the primary key first (23505). Either way nothing is
+# written and the writer takes its locking path.
 STREAM_MOVED_SQLSTATE = "EA001"
-_APPEND_BATCH = (
-    "SELECT ds_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18)"
+_APPEND_BATCH = """
+WITH updated AS (
+    UPDATE ds_streams s SET
+        tail = v.tail, closed = v.closed, closed_by_producer = v.cbp,
+        closed_by_epoch = v.cbe, closed_by_seq = v.cbs, last_stream_seq = v.lss,
+        last_access_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::boolean[], $4::bigint[], $5::boolean[],
+                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+         AS v(id, expected_tail, expected_closed, tail, closed, cbp, cbe, cbs, lss)
+    WHERE s.id = v.id AND s.tail = v.expected_tail AND s.closed = v.expected_closed
+      AND NOT s.soft_deleted
+    RETURNING s.id
+), messages AS (
+    INSERT INTO ds_messages (stream_id, off, data)
+    SELECT * FROM unnest($10::bigint[], $11::bigint[], $12::bytea[])
+), producers AS (
+    INSERT INTO ds_producers (stream_id, producer_id, epoch, last_seq)
+    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
+    ON CONFLICT (stream_id, producer_id)
+    DO UPDATE SET epoch = EXCLUDED.epoch, last_seq = EXCLUDED.last_seq, updated_at = now()
+), notified AS (
+    SELECT pg_notify($17, payload) FROM unnest($18::text[]) AS payload
 )
+SELECT CASE WHEN (SELECT count(*) FROM updated) = cardinality($1::bigint[])
+            THEN (SELECT count(*) FROM notified)
+            ELSE ds_stream_moved() END
+"""
 
 
 @dataclass
@@ -407,7 +435,7 @@ class AppendWriter:
         ]
         closed_by = [w.closed_by or (None, None, None) for w in touched]
         try:
-            await conn.execute(
+            await conn.fetchval(
                 _APPEND_BATCH,
                 [w.meta.id for w in touched],
                 [w.meta.tail for w in touched],
@@ -429,7 +457,10 @@ class AppendWriter:
                 self._notify_payloads(working),
             )
         except asyncpg.PostgresError as error:
-            if error.sqlstate == STREAM_MOVED_SQLSTATE:
+            if error.sqlstate == STREAM_MOVED_SQLSTATE or (
+                isinstance(error, asyncpg.UniqueViolationError)
+                and error.table_name == "ds_messages"
+            ):
                 return True
             raise
         return False
