@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass
 
 import httpx
 import orjson
@@ -99,8 +100,21 @@ def request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def stream_path(server: ServerProcess, name: str) -> str:
-    return f"{server.stream_prefix}/{name}"
+@dataclass(frozen=True)
+class NewStream:
+    url: str  # for httpx
+    path: str  # the request target on a raw connection
+
+
+def new_stream(
+    server: ServerProcess,
+    client: httpx.Client,
+    content_type: str = "text/plain",
+    body: bytes = b"",
+) -> NewStream:
+    name = unique_name()
+    create_stream(client, server.url(name), content_type, body)
+    return NewStream(server.url(name), f"{server.stream_prefix}/{name}")
 
 
 @pytest.fixture
@@ -120,14 +134,13 @@ def raw(shared_server: ServerProcess):  # type: ignore[no-untyped-def]
 def test_direct_append_has_the_protocol_headers(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    create_stream(client, shared_server.url(name), "text/plain")
+    stream = new_stream(shared_server, client)
     connection = raw()
-    connection.send(request("POST", stream_path(shared_server, name), body=b"hello", headers=TEXT))
+    connection.send(request("POST", stream.path, body=b"hello", headers=TEXT))
     response = connection.response()
     assert response.status == 204
     assert response.body == b""
-    assert response.headers["stream-next-offset"] == tail_offset(client, shared_server.url(name))
+    assert response.headers["stream-next-offset"] == tail_offset(client, stream.url)
     # The headers every response carries (CORS, browser security), once each.
     names = [name for name, _ in response.header_list]
     for expected in (
@@ -139,16 +152,15 @@ def test_direct_append_has_the_protocol_headers(
     ):
         assert names.count(expected) == 1, (expected, response.header_list)
     assert "content-length" not in names  # a 204 has no body and says nothing of one
-    assert read_all(client, shared_server.url(name))[0] == b"hello"
+    assert read_all(client, stream.url)[0] == b"hello"
 
 
 def test_direct_producer_append_answers_200_with_producer_headers(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    create_stream(client, shared_server.url(name), "text/plain")
+    stream = new_stream(shared_server, client)
     connection = raw()
-    path = stream_path(shared_server, name)
+    path = stream.path
     for seq in (0, 1, 1):
         connection.send(
             request("POST", path, body=b"x", headers={**TEXT, **producer_headers("p", 3, seq)})
@@ -157,14 +169,14 @@ def test_direct_producer_append_answers_200_with_producer_headers(
     assert (first.status, first.headers["producer-seq"]) == (200, "0")
     assert (second.status, second.headers["producer-seq"]) == (200, "1")
     assert (duplicate.status, duplicate.headers["producer-epoch"]) == (204, "3")
-    assert read_all(client, shared_server.url(name))[0] == b"xx"
+    assert read_all(client, stream.url)[0] == b"xx"
 
 
 def test_direct_error_is_the_same_envelope_as_the_asgi_route(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
     """A POST to a missing stream (direct path) and a GET of it (ASGI) fail alike."""
-    missing = stream_path(shared_server, unique_name("missing"))
+    missing = f"{shared_server.stream_prefix}/{unique_name('missing')}"
     connection = raw()
     connection.send(request("POST", missing, body=b"x", headers=TEXT))
     direct = connection.response()
@@ -181,11 +193,9 @@ def test_direct_error_is_the_same_envelope_as_the_asgi_route(
 def test_refused_appends_store_nothing_and_keep_the_connection(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    url = shared_server.url(name)
-    create_stream(client, url, "application/json", b'{"a":1}')
+    stream = new_stream(shared_server, client, "application/json", b'{"a":1}')
+    url, path = stream.url, stream.path
     before = read_all(client, url)
-    path = stream_path(shared_server, name)
     connection = raw()
     cases = [
         (request("POST", path, body=b"{bad", headers=JSON), 400, "INVALID_JSON"),
@@ -216,10 +226,8 @@ def test_pipelined_requests_are_answered_in_order(
 ) -> None:
     """Appends pipelined behind each other and behind a read: one response each, in order,
     and the appends stored in the order sent."""
-    name = unique_name()
-    url = shared_server.url(name)
-    create_stream(client, url, "text/plain")
-    path = stream_path(shared_server, name)
+    stream = new_stream(shared_server, client)
+    url, path = stream.url, stream.path
     batch = b"".join(
         [
             request("POST", path, body=b"a", headers=TEXT),
@@ -250,10 +258,9 @@ def test_pipelined_requests_are_answered_in_order(
 def test_chunked_request_body_is_appended_whole(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    create_stream(client, shared_server.url(name), "text/plain")
+    stream = new_stream(shared_server, client)
     head = (
-        f"POST {stream_path(shared_server, name)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"POST {stream.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     connection = raw()
@@ -261,15 +268,14 @@ def test_chunked_request_body_is_appended_whole(
     time.sleep(0.05)  # the rest arrives in a later packet
     connection.send(b"4\r\ndefg\r\n0\r\n\r\n")
     assert connection.response().status == 204
-    assert read_all(client, shared_server.url(name))[0] == b"abcdefg"
+    assert read_all(client, stream.url)[0] == b"abcdefg"
 
 
 def test_http_1_0_and_connection_close_are_honoured(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    create_stream(client, shared_server.url(name), "text/plain")
-    path = stream_path(shared_server, name)
+    stream = new_stream(shared_server, client)
+    path = stream.path
     old = raw()
     old.send(request("POST", path, body=b"1", headers=TEXT, version="HTTP/1.0"))
     response = old.response()
@@ -282,26 +288,25 @@ def test_http_1_0_and_connection_close_are_honoured(
     assert response.status == 204
     assert response.headers.get("connection") == "close"
     assert closing.closed_by_server()
-    assert read_all(client, shared_server.url(name))[0] == b"12"
+    assert read_all(client, stream.url)[0] == b"12"
 
 
 def test_expect_100_continue_goes_through_the_asgi_route(
     shared_server: ServerProcess, client: httpx.Client, raw
 ) -> None:
-    name = unique_name()
-    create_stream(client, shared_server.url(name), "text/plain")
+    stream = new_stream(shared_server, client)
     connection = raw()
     connection.send(
         request(
             "POST",
-            stream_path(shared_server, name),
+            stream.path,
             headers={**TEXT, "Content-Length": "3", "Expect": "100-continue"},
         )
     )
     assert connection.response().status == 100
     connection.send(b"abc")
     assert connection.response().status == 204
-    assert read_all(client, shared_server.url(name))[0] == b"abc"
+    assert read_all(client, stream.url)[0] == b"abc"
 
 
 def test_client_gone_before_the_commit_leaves_the_server_serving(
@@ -309,10 +314,8 @@ def test_client_gone_before_the_commit_leaves_the_server_serving(
 ) -> None:
     """Connections that send an append and hang up at once: each append is stored whole or
     not at all, and the server keeps answering."""
-    name = unique_name()
-    url = shared_server.url(name)
-    create_stream(client, url, "text/plain")
-    path = stream_path(shared_server, name)
+    stream = new_stream(shared_server, client)
+    url, path = stream.url, stream.path
     for _ in range(20):
         connection = RawConnection(shared_server)
         connection.send(request("POST", path, body=b"z" * 10, headers=TEXT))
@@ -334,12 +337,11 @@ def test_client_gone_before_the_commit_leaves_the_server_serving(
 
 def test_oversized_append_is_413_and_stores_nothing(server_factory: ServerFactory) -> None:
     server = server_factory("streams", extra_args=["--max-append-bytes", "1024"])
-    name = unique_name()
     with httpx.Client(timeout=30) as http:
-        create_stream(http, server.url(name), "text/plain", b"seed")
+        stream = new_stream(server, http, body=b"seed")
         connection = RawConnection(server)
         try:
-            path = stream_path(server, name)
+            path = stream.path
             connection.send(request("POST", path, body=b"y" * 5000, headers=TEXT))
             response = connection.response()
             assert response.status == 413
@@ -349,7 +351,7 @@ def test_oversized_append_is_413_and_stores_nothing(server_factory: ServerFactor
             assert connection.response().status == 204
         finally:
             connection.close()
-        assert read_all(http, server.url(name))[0] == b"seed" + b"y" * 1024
+        assert read_all(http, stream.url)[0] == b"seed" + b"y" * 1024
 
 
 def test_appends_outside_the_stream_mount_are_not_appends(
