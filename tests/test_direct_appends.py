@@ -346,6 +346,18 @@ def test_oversized_append_is_413_and_stores_nothing(server_factory: ServerFactor
             response = connection.response()
             assert response.status == 413
             assert orjson.loads(response.body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+            # Refused as soon as the limit is passed, before the whole body has arrived; the
+            # rest is read and dropped, and the connection stays usable.
+            head = request("POST", path, body=b"z" * 5000, headers=TEXT)[:-5000]
+            connection.send(head + b"z" * 2000)
+            response = connection.response()
+            assert response.status == 413
+            connection.send(b"z" * 3000)
+            # A producer header error still comes first (spec/01 §A.5 steps 1-4).
+            bad_producer = {**TEXT, "Producer-Id": "p", "Producer-Epoch": "x", "Producer-Seq": "0"}
+            connection.send(request("POST", path, body=b"y" * 5000, headers=bad_producer))
+            response = connection.response()
+            assert response.status == 400, response.body
             # Exactly the limit is fine, on the same connection.
             connection.send(request("POST", path, body=b"y" * 1024, headers=TEXT))
             assert connection.response().status == 204

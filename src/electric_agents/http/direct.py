@@ -102,22 +102,42 @@ class DirectAppendProtocol(HttpToolsProtocol):
             return
         exchange.body += body
         if len(exchange.body) > self.server_app.settings.max_append_bytes:
+            # Refused now, as the ASGI route does, not after the whole upload; the rest of
+            # the body is still read (and dropped), so the connection stays usable.
             exchange.too_large = True
             exchange.body = bytearray()
+            self._refuse_oversized(exchange)
+
+    def _refuse_oversized(self, exchange: DirectAppend) -> None:
+        streams = self.server_app.streams_app
+        assert streams is not None
+        try:
+            streams.prepare_append(exchange.path, self._header_map(), None)
+        except ApiError as error:  # a producer header error, else 413
+            self._answer_error(exchange, error)
+            return
+        raise AssertionError("prepare_append accepted a body over the limit")
+
+    def _header_map(self) -> dict[str, str]:
+        """Request headers by lower-cased name; the first of a repeated header wins."""
+        headers: dict[str, str] = {}
+        for name, value in self.headers:
+            key = name.decode("latin-1")
+            if key not in headers:
+                headers[key] = value.decode("latin-1")
+        return headers
 
     def on_message_complete(self) -> None:
         exchange = self.cycle
         if type(exchange) is not DirectAppend:
             super().on_message_complete()
             return
+        if exchange.response_complete:
+            return  # refused while its body was arriving
         streams = self.server_app.streams_app
         assert streams is not None
-        headers: dict[str, str] = {}
-        for name, value in self.headers:
-            key = name.decode("latin-1")
-            if key not in headers:
-                headers[key] = value.decode("latin-1")
-        body = None if exchange.too_large else bytes(exchange.body)
+        headers = self._header_map()
+        body = bytes(exchange.body)
         exchange.body = bytearray()
         try:
             future = streams.submit_plain_append(exchange.path, headers, body)
@@ -147,7 +167,7 @@ class DirectAppendProtocol(HttpToolsProtocol):
         streams: StreamsApp,
         exchange: DirectAppend,
         headers: dict[str, str],
-        body: bytes | None,
+        body: bytes,
     ) -> None:
         """An append the mounting application's policy must check first (entity streams)."""
         try:
@@ -160,7 +180,6 @@ class DirectAppendProtocol(HttpToolsProtocol):
             self._answer_error(exchange, _INTERNAL_ERROR)
             return
         self._answer(exchange, result.status, result.headers, b"")
-        assert body is not None
         await streams.after_append(exchange.path, headers, body)
 
     def _answer_error(self, exchange: DirectAppend, error: ApiError) -> None:
