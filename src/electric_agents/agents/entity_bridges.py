@@ -27,6 +27,7 @@ from electric_agents.agents import events
 from electric_agents.agents.entity_store import tags_index
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.wakes import evaluate_wakes
+from electric_agents.db.held import listening
 from electric_agents.db.jsonb import from_jsonb
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
@@ -352,25 +353,17 @@ class MembershipDrainer:
     async def run(self) -> None:
         # A LISTEN on a pooled connection makes changes from any process drain at once;
         # the poll interval covers a notification missed while reconnecting.
-        async with self.runtime.pool.acquire() as listener:
-            await listener.add_listener(NOTIFY_CHANNEL, self._on_notification)
-            try:
-                while True:
-                    try:
-                        while await self.drain_batch():
-                            pass
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                        log.warning("membership drain failed, retrying: %s", error)
-                        await asyncio.sleep(ERROR_PAUSE_S)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
-                    self._nudged.clear()
-            finally:
-                with contextlib.suppress(Exception):
-                    await listener.remove_listener(NOTIFY_CHANNEL, self._on_notification)
-
-    def _on_notification(self, *_: object) -> None:
-        self._nudged.set()
+        async with listening(self.runtime.pool, NOTIFY_CHANNEL, self._nudged.set):
+            while True:
+                try:
+                    while await self.drain_batch():
+                        pass
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                    log.warning("membership drain failed, retrying: %s", error)
+                    await asyncio.sleep(ERROR_PAUSE_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
+                self._nudged.clear()
 
     async def drain_batch(self) -> bool:
         """Drain up to ROWS_PER_TRANSACTION queued changes; False when none were due."""

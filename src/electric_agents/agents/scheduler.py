@@ -36,6 +36,7 @@ from electric_agents.agents.principals import parse_principal
 from electric_agents.agents.runtime import AgentsRuntime
 from electric_agents.agents.schedule_events import manifest_status_update
 from electric_agents.agents.wakes import evaluate_wakes
+from electric_agents.db.held import listening
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
 from electric_agents.streams.lifecycle import CreateSpec
@@ -74,30 +75,22 @@ class Scheduler:
         self._nudged.set()
 
     async def run(self) -> None:
-        async with self.runtime.pool.acquire() as listener:
-            await listener.add_listener(NOTIFY_CHANNEL, self._on_notification)
-            try:
-                await self._rehydrate_watched_chains()
-                while True:
-                    if listener.is_closed():
-                        # The supervisor restarts the worker with a fresh LISTEN connection.
-                        raise ConnectionError("scheduler LISTEN connection lost")
-                    self._nudged.clear()
-                    try:
-                        await self.fire_due()
-                        delay = await self._seconds_until_next_due()
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                        log.warning("scheduler pass failed, retrying: %s", error)
-                        delay = ERROR_PAUSE_S
-                    if delay > 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._nudged.wait(), delay)
-            finally:
-                with contextlib.suppress(asyncpg.InterfaceError, OSError):
-                    await listener.remove_listener(NOTIFY_CHANNEL, self._on_notification)
-
-    def _on_notification(self, *_args: object) -> None:
-        self._nudged.set()
+        async with listening(self.runtime.pool, NOTIFY_CHANNEL, self._nudged.set) as listener:
+            await self._rehydrate_watched_chains()
+            while True:
+                if listener.is_closed():
+                    # The supervisor restarts the worker with a fresh LISTEN connection.
+                    raise ConnectionError("scheduler LISTEN connection lost")
+                self._nudged.clear()
+                try:
+                    await self.fire_due()
+                    delay = await self._seconds_until_next_due()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                    log.warning("scheduler pass failed, retrying: %s", error)
+                    delay = ERROR_PAUSE_S
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._nudged.wait(), delay)
 
     async def _seconds_until_next_due(self) -> float:
         async with self.runtime.pool.acquire() as conn:

@@ -1,4 +1,5 @@
-"""Connections a hot path keeps out of the pool between uses.
+"""Connections held for a purpose: the few a hot path keeps out of the pool between uses, and
+the one a background worker LISTENs on.
 
 Releasing a connection to the asyncpg pool runs its reset query (`RESET ALL`, `UNLISTEN *`,
 ...): one more round trip and some Postgres CPU on every use. The append writer and the
@@ -10,7 +11,7 @@ then resets or drops it) or when more are held than wanted.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
@@ -40,3 +41,23 @@ class HeldConnections:
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    pool: asyncpg.Pool, channel: str, on_notify: Callable[[], None]
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection that LISTENs on `channel` for the block, calling `on_notify`
+    for each notification (background workers use it to wake at once when another process
+    queued work for them)."""
+
+    def callback(*_: object) -> None:
+        on_notify()
+
+    async with pool.acquire() as conn:
+        await conn.add_listener(channel, callback)
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(channel, callback)
