@@ -13,7 +13,6 @@ that record in one transaction. A crash rolls back both, so each change is writt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -25,7 +24,7 @@ import orjson
 
 from electric_agents.agents import events
 from electric_agents.agents.entity_store import tags_index
-from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.runtime import AgentsRuntime, drain_when_nudged
 from electric_agents.agents.wakes import evaluate_wakes
 from electric_agents.db.held import listening
 from electric_agents.db.jsonb import from_jsonb
@@ -354,16 +353,17 @@ class MembershipDrainer:
         # A LISTEN on a pooled connection makes changes from any process drain at once;
         # the poll interval covers a notification missed while reconnecting.
         async with listening(self.runtime.pool, NOTIFY_CHANNEL, self._nudged.set):
-            while True:
-                try:
-                    while await self.drain_batch():
-                        pass
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                    log.warning("membership drain failed, retrying: %s", error)
-                    await asyncio.sleep(ERROR_PAUSE_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
-                self._nudged.clear()
+            await drain_when_nudged(
+                self._drain_all,
+                self._nudged,
+                poll_s=POLL_INTERVAL_S,
+                error_pause_s=ERROR_PAUSE_S,
+                what="membership drain",
+            )
+
+    async def _drain_all(self) -> None:
+        while await self.drain_batch():
+            pass
 
     async def drain_batch(self) -> bool:
         """Drain up to ROWS_PER_TRANSACTION queued changes; False when none were due."""

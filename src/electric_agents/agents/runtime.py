@@ -72,3 +72,25 @@ class AgentsRuntime:
             except Exception:
                 log.exception("agents worker %s failed; restarting in 1 s", name)
                 await asyncio.sleep(1.0)
+
+
+async def drain_when_nudged(
+    drain: Callable[[], Awaitable[object]],
+    nudged: asyncio.Event,
+    *,
+    poll_s: float,
+    error_pause_s: float,
+    what: str,
+) -> None:
+    """A queue-draining worker's loop: drain, then wait until `nudged` is set (work queued
+    in this process, or a NOTIFY from another) or `poll_s` passes, and drain again. A
+    database error is logged and retried after `error_pause_s`."""
+    while True:
+        try:
+            await drain()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("%s failed, retrying: %s", what, error)
+            await asyncio.sleep(error_pause_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(nudged.wait(), poll_s)
+        nudged.clear()

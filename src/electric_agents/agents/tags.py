@@ -14,7 +14,6 @@ row's deletion: the stream gets every change once, in commit order, whatever cra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from electric_agents.agents import events
 from electric_agents.agents.entity_store import Entity, get_entity, set_tags
 from electric_agents.agents.inbox import REJECTS_WRITES, entity_not_found, not_running
 from electric_agents.agents.principal_entities import reject_principal_mutation
-from electric_agents.agents.runtime import AgentsRuntime
+from electric_agents.agents.runtime import AgentsRuntime, drain_when_nudged
 from electric_agents.agents.write_tokens import check_write_token
 from electric_agents.errors import ApiError
 from electric_agents.streams.engine import StreamTransaction
@@ -195,15 +194,13 @@ class TagOutboxDrainer:
         self._nudged.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.drain()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("tag outbox drain failed, retrying: %s", error)
-                await asyncio.sleep(ERROR_PAUSE_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudged.wait(), POLL_INTERVAL_S)
-            self._nudged.clear()
+        await drain_when_nudged(
+            self.drain,
+            self._nudged,
+            poll_s=POLL_INTERVAL_S,
+            error_pause_s=ERROR_PAUSE_S,
+            what="tag outbox drain",
+        )
 
     async def drain(self) -> int:
         """Drain until no entity has a due row; returns how many rows were appended."""
