@@ -102,7 +102,7 @@ class AgentsApp:
             await send_response(send, 204)
             return
         try:
-            headers = header_map(scope)
+            headers = header_map(scope["headers"])
             principal = self.resolve_principal(headers)
             found = self.router.resolve(method, path)
             if found is None:

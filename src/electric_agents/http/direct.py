@@ -19,11 +19,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from electric_agents.errors import ApiError
-from electric_agents.http.responses import COMMON_HEADERS, JSON_CONTENT_TYPE
+from electric_agents.http.responses import COMMON_HEADERS, error_response, header_map
 from electric_agents.streams.writer import AppendResult
 
 if TYPE_CHECKING:
@@ -112,20 +111,11 @@ class DirectAppendProtocol(HttpToolsProtocol):
         streams = self.server_app.streams_app
         assert streams is not None
         try:
-            streams.prepare_append(exchange.path, self._header_map(), None)
+            streams.prepare_append(exchange.path, header_map(self.headers), None)
         except ApiError as error:  # a producer header error, else 413
             self._answer_error(exchange, error)
             return
         raise AssertionError("prepare_append accepted a body over the limit")
-
-    def _header_map(self) -> dict[str, str]:
-        """Request headers by lower-cased name; the first of a repeated header wins."""
-        headers: dict[str, str] = {}
-        for name, value in self.headers:
-            key = name.decode("latin-1")
-            if key not in headers:
-                headers[key] = value.decode("latin-1")
-        return headers
 
     def on_message_complete(self) -> None:
         exchange = self.cycle
@@ -136,7 +126,7 @@ class DirectAppendProtocol(HttpToolsProtocol):
             return  # refused while its body was arriving
         streams = self.server_app.streams_app
         assert streams is not None
-        headers = self._header_map()
+        headers = header_map(self.headers)
         body = bytes(exchange.body)
         exchange.body = bytearray()
         try:
@@ -183,8 +173,7 @@ class DirectAppendProtocol(HttpToolsProtocol):
         await streams.after_append(exchange.path, headers, body)
 
     def _answer_error(self, exchange: DirectAppend, error: ApiError) -> None:
-        headers = {"Content-Type": JSON_CONTENT_TYPE, **error.headers}
-        self._answer(exchange, error.status, headers, orjson.dumps(error.envelope()))
+        self._answer(exchange, error.status, *error_response(error))
 
     def _answer(
         self, exchange: DirectAppend, status: int, headers: dict[str, str], body: bytes

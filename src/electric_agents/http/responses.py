@@ -6,7 +6,7 @@ Headers are written as raw bytes: the stream protocol compares `Content-Type` ex
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import orjson
@@ -100,13 +100,19 @@ async def send_json(
 
 
 async def send_error(send: Send, error: ApiError) -> None:
-    await send_json(send, error.status, error.envelope(), error.headers)
+    await send_response(send, error.status, *error_response(error))
 
 
-def header_map(scope: Scope) -> dict[str, str]:
+def error_response(error: ApiError) -> tuple[dict[str, str], bytes]:
+    """The headers and body of an error: the spec's JSON envelope."""
+    headers = {"Content-Type": JSON_CONTENT_TYPE, **error.headers}
+    return headers, orjson.dumps(error.envelope())
+
+
+def header_map(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Request headers by lower-cased name (the first value of a repeated header wins)."""
     headers: dict[str, str] = {}
-    for key, value in scope["headers"]:
+    for key, value in raw_headers:
         name = key.decode("latin-1").lower()
         if name not in headers:
             headers[name] = value.decode("latin-1")

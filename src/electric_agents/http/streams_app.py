@@ -31,7 +31,7 @@ from electric_agents.http.responses import (
 )
 from electric_agents.streams.engine import InTransaction, StreamEngine
 from electric_agents.streams.lifecycle import CreateSpec, parse_expires_at, validate_content_type
-from electric_agents.streams.model import Message, StreamMeta, is_text_like
+from electric_agents.streams.model import StreamMeta, is_text_like
 from electric_agents.streams.offsets import (
     format_offset,
     next_cursor,
@@ -39,7 +39,7 @@ from electric_agents.streams.offsets import (
     parse_read_offset,
 )
 from electric_agents.streams.producers import parse_producer_headers
-from electric_agents.streams.reads import Chunk, encode_messages, response_body, start_position
+from electric_agents.streams.reads import Chunk, response_body, start_position
 from electric_agents.streams.writer import AppendRequest, AppendResult
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -127,7 +127,7 @@ class StreamsApp:
                     raise ApiError(404, "NOT_FOUND", "Subscriptions are not enabled")
                 await self.control_app(scope, receive, send)
                 return
-            headers = header_map(scope)
+            headers = header_map(scope["headers"])
             if method == "GET":
                 await self._get(scope, receive, send, path, headers)
             elif method == "HEAD":
@@ -270,7 +270,7 @@ class StreamsApp:
         )
 
     def submit_plain_append(
-        self, path: str, headers: dict[str, str], body: bytes | None
+        self, path: str, headers: dict[str, str], body: bytes
     ) -> asyncio.Future[AppendResult] | None:
         """The whole append through group commit when no append policy applies (the direct
         HTTP path, http/direct.py); None when the policy must run (then use `append`)."""
@@ -278,11 +278,11 @@ class StreamsApp:
             return None
         return self.engine.writer.enqueue(self.prepare_append(path, headers, body))
 
-    async def append(self, path: str, headers: dict[str, str], body: bytes | None) -> AppendResult:
+    async def append(self, path: str, headers: dict[str, str], body: bytes) -> AppendResult:
         request = self.prepare_append(path, headers, body)
         in_transaction = None
         if self.append_policy is not None:
-            in_transaction = await self.append_policy.check(path, headers, request.body)
+            in_transaction = await self.append_policy.check(path, headers, body)
         if in_transaction is None:
             return await self.engine.writer.enqueue(request)
         return await self.engine.append_then(request, then=in_transaction)
@@ -442,7 +442,7 @@ class StreamsApp:
         key = (meta.id, after, chunk.next_offset)
         event = self._recent_events.get(key)
         if event is None:
-            event = _data_event(meta, chunk.messages, binary)
+            event = _data_event(response_body(meta, chunk), binary)
             if len(event) <= MAX_MEMO_EVENT_BYTES:
                 self._recent_events[key] = event
                 if len(self._recent_events) > MAX_MEMO_EVENTS:
@@ -480,8 +480,7 @@ def _etag(path: str, offset: int | str | None, after: int, chunk: Chunk) -> str:
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
-def _data_event(meta: StreamMeta, messages: list[Message], binary: bool) -> bytes:
-    payload = encode_messages(meta, messages)
+def _data_event(payload: bytes, binary: bool) -> bytes:
     # Text is split on every line-break form so stored data cannot inject an SSE event.
     lines = [base64.b64encode(payload)] if binary else _LINE_BREAK.split(payload)
     return b"event: data\n" + b"".join(b"data:" + line + b"\n" for line in lines) + b"\n"

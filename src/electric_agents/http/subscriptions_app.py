@@ -154,7 +154,7 @@ async def _json_object(receive: Receive) -> dict[str, Any]:
 
 
 def _bearer_token(scope: Scope) -> str:
-    scheme, _, token = header_map(scope).get("authorization", "").partition(" ")
+    scheme, _, token = header_map(scope["headers"]).get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "TOKEN_INVALID", "Missing or malformed Authorization header")
     return token.strip()
