@@ -3,7 +3,8 @@
 The direct path must be indistinguishable from the ASGI route on the wire: the same status,
 headers and error envelope, one response per request in request order (also when a client
 pipelines appends behind other requests), keep-alive and `Connection: close` honoured, and
-nothing stored for a refused append.
+nothing stored for a refused append. The same protocol serves every request, so the limit on
+a request's head and the handling of half-closed connections are checked here too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from conftest import (
     tail_offset,
     unique_name,
 )
+from electric_agents.http.direct import MAX_REQUEST_HEAD_BYTES
 
 SOCKET_TIMEOUT_S = 10
 TEXT = {"Content-Type": "text/plain"}
@@ -381,3 +383,77 @@ def test_appends_outside_the_stream_mount_are_not_appends(
     # The subscription API's own answer, not a stream append to a missing stream.
     assert response.status == 404, response.body
     assert orjson.loads(response.body)["error"]["code"] == "SUBSCRIPTION_NOT_FOUND"
+
+
+def refused_head(connection: RawConnection, data: bytes) -> RawResponse:
+    """Send `data`, whose head is too large; the 431 must arrive and the server close."""
+    connection.send(data)
+    response = connection.response()
+    assert response.status == 431, response.body
+    assert response.headers["connection"] == "close"
+    assert orjson.loads(response.body)["error"]["code"] == "REQUEST_HEADERS_TOO_LARGE"
+    assert connection.closed_by_server()
+    return response
+
+
+def test_request_head_over_the_limit_is_431_and_stores_nothing(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    """A request line plus headers over the limit is refused, whether the bytes are in one
+    header, in many headers or in the URL, on the direct route and the ASGI route alike."""
+    stream = new_stream(shared_server, client, body=b"seed")
+    big = "v" * (MAX_REQUEST_HEAD_BYTES + 1024)
+    many = {f"X-Filler-{i}": "w" * 100 for i in range(MAX_REQUEST_HEAD_BYTES // 100)}
+    refused_head(raw(), request("POST", stream.path, body=b"x", headers={**TEXT, "X-Big": big}))
+    refused_head(raw(), request("POST", stream.path, body=b"x", headers={**TEXT, **many}))
+    refused_head(raw(), request("GET", f"{stream.path}?offset=-1&pad={big}"))
+    refused_head(raw(), request("PUT", stream.path + "-new", headers={**TEXT, "X-Big": big}))
+    assert read_all(client, stream.url)[0] == b"seed"
+    assert client.head(stream.url + "-new").status_code == 404
+
+
+def test_request_head_under_the_limit_is_served(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    """A large head under the limit is fine, and so is a large body after a small head
+    (the body does not count against the head, even when both arrive together)."""
+    stream = new_stream(shared_server, client)
+    connection = raw()
+    near = "v" * (MAX_REQUEST_HEAD_BYTES - 2048)
+    connection.send(request("POST", stream.path, body=b"a", headers={**TEXT, "X-Big": near}))
+    assert connection.response().status == 204
+    body = b"b" * (4 * MAX_REQUEST_HEAD_BYTES)
+    connection.send(request("POST", stream.path, body=body, headers=TEXT))
+    assert connection.response().status == 204
+    assert read_all(client, stream.url)[0] == b"a" + body
+
+
+def test_huge_head_is_refused_early_and_the_answer_survives(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    """A client still sending megabytes of header gets the 431: the server stops buffering
+    at the limit and drains the rest instead of resetting the connection under the
+    response."""
+    stream = new_stream(shared_server, client, body=b"seed")
+    head = request("POST", stream.path, body=b"x", headers={**TEXT, "X-Big": "v" * (8 << 20)})
+    refused_head(raw(), head)
+    assert read_all(client, stream.url)[0] == b"seed"
+
+
+def test_half_closed_connection_is_answered_then_closed(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    """A client that shuts down its sending side after its request (as HTTP/1.0 tools do)
+    still gets the response, on the direct and the ASGI route, and then the server closes."""
+    stream = new_stream(shared_server, client)
+    for data, status in [
+        (request("POST", stream.path, body=b"hc", headers=TEXT), 204),
+        (request("GET", f"{stream.path}?offset=-1"), 200),
+    ]:
+        connection = raw()
+        connection.send(data)
+        connection.sock.shutdown(socket.SHUT_WR)
+        response = connection.response()
+        assert response.status == status
+        assert connection.closed_by_server()
+    assert read_all(client, stream.url)[0] == b"hc"

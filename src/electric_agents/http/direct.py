@@ -8,6 +8,10 @@ here, handed to the append writer, and answered with one write when its batch co
 including an append that arrives while an earlier request on the connection is still being
 answered (HTTP pipelining), goes through ASGI unchanged.
 
+The protocol also bounds every request's head (request line and headers) for all routes:
+httptools buffers a header of any size, so without a limit one client could make the server
+hold gigabytes. Over `MAX_REQUEST_HEAD_BYTES` the request is refused with 431.
+
 It relies on uvicorn's protocol internals (`cycle`, `pipeline`, `on_response_complete`), so
 uvicorn is pinned to a tested version in pyproject.toml.
 """
@@ -31,8 +35,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Node's HTTP server refuses more than 16 KiB; this leaves room for large cookies and tokens.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+# How long a connection refused for its head keeps draining input before it is closed.
+REFUSED_CONNECTION_LINGER_S = 1.0
+
 _COMMON_HEADER_BYTES = b"".join(name + b": " + value + b"\r\n" for name, value in COMMON_HEADERS)
 _INTERNAL_ERROR = ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request whose head is too large."""
+
+
+_HEAD_TOO_LARGE = ApiError(
+    431,
+    "REQUEST_HEADERS_TOO_LARGE",
+    f"Request line and headers exceed {MAX_REQUEST_HEAD_BYTES} bytes",
+)
 
 
 class _NoEvent:
@@ -67,7 +87,74 @@ class DirectAppend:
 class DirectAppendProtocol(HttpToolsProtocol):
     server_app: ServerApp  # set on the subclass made by `protocol_for`
 
+    # Bytes received since the current request's head began; None once its headers are in.
+    # It bounds what httptools buffers for a head that never ends; the exact size of a
+    # complete head is checked in `on_headers_complete`.
+    _head_bytes: int | None = 0
+    # The head being parsed is over the limit (the parser is stopped with _HeadTooLarge).
+    _head_refused = False
+    # Set once a head was refused: the rest of what the client sends is dropped.
+    _discarding = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding or self.transport.is_closing():
+            return
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        head_bytes = self._head_bytes
+        still_too_large = head_bytes is not None and head_bytes > MAX_REQUEST_HEAD_BYTES
+        # (A malformed head has been answered with 400 and the transport closed already.)
+        if still_too_large and not self.transport.is_closing():
+            self._refuse_request_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_bytes is None:
+            self._head_bytes = 0
+
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        head_size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if head_size > MAX_REQUEST_HEAD_BYTES:
+            # Raising stops the parser; uvicorn then calls `send_400_response`.
+            self._head_refused = True
+            raise _HeadTooLarge
+        self._start_request()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_refused:
+            self._refuse_request_head()
+        else:
+            super().send_400_response(msg)
+
+    def eof_received(self) -> bool | None:
+        """A client may half-close after sending its last request (HTTP/1.0 tools do);
+        the request in progress is still answered, then the connection is closed."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return None
+        cycle.keep_alive = False
+        return True
+
+    def _refuse_request_head(self) -> None:
+        """Answer 431, then close. The close lingers: our side is shut down at once, but
+        what the client is still sending is read and dropped for a moment, since closing
+        with unread input sends a reset that can destroy the response before the client
+        reads it. If an earlier request on the connection is still being answered, nothing
+        can be slipped in ahead of its response, so the connection is just closed."""
+        self._head_bytes = None
+        self._discarding = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self.transport.close()
+            return
+        self._write_response(_HEAD_TOO_LARGE.status, *error_response(_HEAD_TOO_LARGE), False)
+        self.transport.write_eof()
+        self.loop.call_later(REFUSED_CONNECTION_LINGER_S, self.transport.close)
+
+    def _start_request(self) -> None:
+        """Take a POST to a stream as a direct append; anything else goes to uvicorn."""
         streams = self._direct_streams_app()
         if streams is None:
             super().on_headers_complete()
@@ -181,6 +268,15 @@ class DirectAppendProtocol(HttpToolsProtocol):
         """Write the whole response at once, then let uvicorn start the next request."""
         if exchange.disconnected or exchange.response_complete:
             return
+        self._write_response(status, headers, body, exchange.keep_alive)
+        exchange.response_complete = True
+        if not exchange.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+    def _write_response(
+        self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool
+    ) -> None:
         parts = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             parts.append(name + b": " + value + b"\r\n")
@@ -189,15 +285,11 @@ class DirectAppendProtocol(HttpToolsProtocol):
         parts.append(_COMMON_HEADER_BYTES)
         if status not in (204, 304):
             parts.append(b"content-length: %d\r\n" % len(body))
-        if not exchange.keep_alive:
+        if not keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         parts.append(body)
         self.transport.write(b"".join(parts))
-        exchange.response_complete = True
-        if not exchange.keep_alive:
-            self.transport.close()
-        self.on_response_complete()
 
 
 def protocol_for(server_app: ServerApp) -> type[DirectAppendProtocol]:
