@@ -723,5 +723,34 @@ async def test_malformed_requests_are_400_envelopes_never_500(api: Api) -> None:
     assert not await row_exists_via_api(api, fresh)
 
 
+async def test_nul_characters_postgres_cannot_store_are_400_and_store_nothing(
+    api: Api,
+) -> None:
+    """Postgres text and jsonb cannot hold "\\u0000": such a request is the client's 400
+    (the write's transaction rolls back), never a 500."""
+
+    def nul_error(response: httpx.Response, status: int, code: str) -> None:
+        assert "NUL" in error_of(response, status, code)["message"]
+
+    kind = await api.register_type()
+    url = f"/{kind}/{unique_id()}"
+    nul = "a\u0000b"
+    nul_error(await api.spawn(url, {"tags": {"k": nul}}), 400, "INVALID_REQUEST")
+    nul_error(await api.spawn(url, {"args": {"q": nul}}), 400, "INVALID_REQUEST")
+    assert (await api.get(url)).status_code == 404
+    assert not await stream_exists(api, url + "/main")
+    name = unique_id("t").replace("-", "_")
+    body = {"name": name, "description": nul}
+    response = await api.http.post(api.url("/_electric/entity-types"), json=body)
+    nul_error(response, 400, "INVALID_REQUEST")
+    assert (await api.http.get(api.url(f"/_electric/entity-types/{name}"))).status_code == 404
+    response = await api.http.post(
+        api.url("/_electric/entities/register"), json={"tags": {"k": nul}}
+    )
+    nul_error(response, 400, "INVALID_REQUEST")
+    # The same entity spawns once the text is storable.
+    await api.spawned(url, {"tags": {"k": "ab"}})
+
+
 async def row_exists_via_api(api: Api, entity_api_url: str) -> bool:
     return (await api.http.get(entity_api_url)).status_code == 200

@@ -174,10 +174,10 @@ def append_cases() -> list[Any]:
         pytest.param(post({**TEXT, **p("p", 1, 2)}, body=b""), id="empty-body-with-producer"),
         pytest.param(post(JSON, status=409, body=b"1"), id="content-type-mismatch"),
         pytest.param(
-            post({"Content-Type": "text/" + "x" * 65536}, status=409), id="huge-content-type"
+            post({"Content-Type": "text/" + "x" * 65536}, status=431), id="huge-content-type"
         ),
         pytest.param(
-            post({**TEXT, **p("p", 1, 2), "X-Padding": "y" * (256 * 1024)}, body=b""),
+            post({**TEXT, **p("p", 1, 2), "X-Padding": "y" * (256 * 1024)}, status=431),
             id="huge-unrelated-header",
         ),
         pytest.param(post(TEXT, body=b"x" * TEN_MIB, status=413), id="post-10-mib"),

@@ -25,6 +25,20 @@ from electric_agents.streams.subscription_service import SubscriptionService
 
 log = logging.getLogger(__name__)
 
+# Postgres cannot store a NUL character in text or jsonb: a client's string with "\u0000"
+# fails the write (22021 for text parameters, 22P05 for jsonb). The write's transaction is
+# rolled back, so this is the client's 400, not our 500.
+UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
+_INTERNAL_ERROR = ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+
+
+def _storage_error(error: asyncpg.DataError) -> ApiError:
+    if error.sqlstate in UNSTORABLE_TEXT_SQLSTATES:
+        return ApiError(
+            400, "INVALID_REQUEST", "Request text contains a NUL character, which cannot be stored"
+        )
+    return _INTERNAL_ERROR
+
 
 class ServerApp:
     """`serve` mounts streams at the root; `streams` mounts them at `/v1/stream`."""
@@ -133,12 +147,15 @@ class ServerApp:
                     for observe in self.agents.read_observers:
                         observe(path)
                 await self.streams_app(scope, receive, tracking_send)
+        except asyncpg.DataError as error:
+            if error.sqlstate not in UNSTORABLE_TEXT_SQLSTATES:
+                log.exception("unhandled error on %s %s", scope["method"], path)
+            if not started:
+                await send_error(send, _storage_error(error))
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
             if not started:
-                await send_error(
-                    send, ApiError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
-                )
+                await send_error(send, _INTERNAL_ERROR)
 
     def direct_append_path(self, raw_path: bytes) -> str | None:
         """The stream a POST to `raw_path` appends to, when `__call__` would route it to
