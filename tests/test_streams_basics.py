@@ -3,6 +3,7 @@ stamping, sliding TTL, fork chains, soft-deleted sources, and long chunked catch
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -286,3 +287,92 @@ async def sse_text(url: str) -> bytes:
             elif event.event == "control" and event.control().get("upToDate"):
                 return data
     raise AssertionError("SSE ended before it was up to date")
+
+
+# --- SSE readers at the tail are written to by the commit itself -----------------------------
+
+
+async def follow_sse(url: str, ready: asyncio.Event | None = None) -> tuple[bytes, str]:
+    """An SSE reader from `now` to the stream's close: the data it got and its last offset.
+    `ready` is set once the reader has its first control event (it is at the tail)."""
+    data = b""
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("GET", url, params={"offset": "now", "live": "sse"}) as response,
+    ):
+        assert response.status_code == 200
+        async for event in sse_events(response):
+            if event.event == "data":
+                data += event.data.encode()
+            elif event.event == "control":
+                control = event.control()
+                if ready is not None:
+                    ready.set()
+                if control.get("streamClosed"):
+                    return data, control["streamNextOffset"]
+    raise AssertionError("SSE ended before the stream closed")
+
+
+async def close_stream(http: httpx.AsyncClient, url: str) -> str:
+    response = await http.post(url, headers={**TEXT, "Stream-Closed": "true"})
+    assert response.status_code == 204, response.text
+    return response.headers["Stream-Next-Offset"]
+
+
+@pytest.mark.timeout(120)
+async def test_sse_readers_following_concurrent_writers_get_every_message_once(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    """Readers parked at the tail are handed each commit's event directly; with writers
+    racing each other, every reader must still see exactly the stream, in order."""
+    url = shared_server.url(unique_name("follow"))
+    create_stream(client, url, "text/plain")
+    readies = [asyncio.Event() for _ in range(12)]
+    readers = [asyncio.create_task(follow_sse(url, ready)) for ready in readies]
+    await asyncio.wait_for(asyncio.gather(*(ready.wait() for ready in readies)), 30)
+
+    async def writer(http: httpx.AsyncClient, name: str) -> None:
+        for i in range(40):
+            body = f"<{name}:{i}{'|line two' if i % 7 == 0 else ''}>".replace("|", "\n")
+            response = await http.post(url, content=body.encode(), headers=TEXT)
+            assert response.status_code == 204, response.text
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        await asyncio.gather(*(writer(http, f"w{n}") for n in range(4)))
+        final = await close_stream(http, url)
+    stored, tail = read_all(client, url)
+    assert tail == final and stored.count(b"<") == 160
+    for data, last in await asyncio.gather(*readers):
+        assert last == final
+        assert data == stored
+
+
+@pytest.mark.timeout(120)
+async def test_sse_reader_that_stops_reading_falls_behind_and_catches_up_whole(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    """A reader that does not read while megabytes are appended cannot be written to
+    directly (its connection backs up); it must get everything, in order, once it reads."""
+    url = shared_server.url(unique_name("slow-follow"))
+    create_stream(client, url, "text/plain")
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("GET", url, params={"offset": "now", "live": "sse"}) as response,
+    ):
+        events = sse_events(response)
+        first = await anext(events)
+        assert first.event == "control"
+        # Not reading now: 40 appends of 256 KiB fill the socket buffers behind this reader.
+        for i in range(40):
+            body = f"[{i:02d}]".encode() * (64 * 1024)  # 256 KiB
+            await http.post(url, content=body, headers=TEXT)
+        final = await close_stream(http, url)
+        data = b""
+        async for event in events:
+            if event.event == "data":
+                data += event.data.encode()
+            elif event.event == "control" and event.control().get("streamClosed"):
+                assert event.control()["streamNextOffset"] == final
+                break
+    assert data == read_all(client, url)[0]
+    assert len(data) == 40 * 256 * 1024

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # Node's HTTP server refuses more than 16 KiB; this leaves room for large cookies and tokens.
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
+# The ASGI scope extension that carries a `RawBodyWriter`.
+RAW_BODY_WRITER = "electric.raw_body_writer"
+# A raw write is declined above this much unsent output, leaving the wait to the ASGI send.
+RAW_WRITE_BUFFER_LIMIT = 64 * 1024
 # How long a connection refused for its head keeps draining input before it is closed.
 REFUSED_CONNECTION_LINGER_S = 1.0
 
@@ -82,6 +86,45 @@ class DirectAppend:
         self.too_large = False
         self.response_complete = False
         self.disconnected = False
+
+
+class RawBodyWriter:
+    """Writes chunks of a streaming (chunked) response body straight to the connection.
+
+    SSE fan-out uses it: a commit hands each following reader its event synchronously
+    (streams/hub.py `Follower`), which costs one socket write per reader instead of waking
+    a task and going through the ASGI send. It declines, so that the reader falls back to
+    the ASGI send and its flow control, whenever that path would have to wait or could not
+    write: the response is not chunked, the client is gone or the connection is congested.
+    """
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, flow: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
+        self._flow = flow
+
+    def write(self, body: bytes) -> bool:
+        """Write one body chunk; False, with nothing written, if it cannot be written now."""
+        cycle = self._cycle
+        if (
+            not cycle.chunked_encoding
+            or cycle.disconnected
+            or cycle.response_complete
+            or self._flow.write_paused
+            or self._transport.is_closing()
+            or self._transport.get_write_buffer_size() > RAW_WRITE_BUFFER_LIMIT
+        ):
+            return False
+        self._transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
+
+def raw_body_writer(scope: dict[str, Any]) -> RawBodyWriter | None:
+    """The connection's raw body writer for this response, when the server provides one."""
+    extensions = scope.get("extensions")
+    return extensions.get(RAW_BODY_WRITER) if extensions else None
 
 
 class DirectAppendProtocol(HttpToolsProtocol):
@@ -157,14 +200,22 @@ class DirectAppendProtocol(HttpToolsProtocol):
         """Take a POST to a stream as a direct append; anything else goes to uvicorn."""
         streams = self._direct_streams_app()
         if streams is None:
-            super().on_headers_complete()
+            self._start_asgi_request()
             return
         path = self.server_app.direct_append_path(httptools.parse_url(self.url).path)
         if path is None:
-            super().on_headers_complete()
+            self._start_asgi_request()
             return
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         self.cycle = DirectAppend(path, keep_alive)  # type: ignore[assignment]
+
+    def _start_asgi_request(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        # An SSE read gets a writer for its body that bypasses the ASGI send.
+        if b"live=sse" in self.url and cycle is not None and cycle.scope is self.scope:
+            writer = RawBodyWriter(self.transport, cycle, self.flow)
+            self.scope.setdefault("extensions", {})[RAW_BODY_WRITER] = writer  # type: ignore[typeddict-unknown-key]
 
     def _direct_streams_app(self) -> StreamsApp | None:
         """The stream app, when this request may be answered directly: a POST, with no

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import orjson
 
 from electric_agents.errors import ApiError
+from electric_agents.http.direct import RawBodyWriter, raw_body_writer
 from electric_agents.http.responses import (
     COMMON_HEADERS,
     Receive,
@@ -31,7 +32,7 @@ from electric_agents.http.responses import (
 )
 from electric_agents.streams.engine import InTransaction, StreamEngine
 from electric_agents.streams.lifecycle import CreateSpec, parse_expires_at, validate_content_type
-from electric_agents.streams.model import StreamMeta, is_text_like
+from electric_agents.streams.model import Message, StreamMeta, is_text_like
 from electric_agents.streams.offsets import (
     format_offset,
     next_cursor,
@@ -39,7 +40,7 @@ from electric_agents.streams.offsets import (
     parse_read_offset,
 )
 from electric_agents.streams.producers import parse_producer_headers
-from electric_agents.streams.reads import Chunk, response_body, start_position
+from electric_agents.streams.reads import Chunk, LiveSession, response_body, start_position
 from electric_agents.streams.writer import AppendRequest, AppendResult
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -327,7 +328,7 @@ class StreamsApp:
         if live == "long-poll":
             await self._long_poll(send, path, offset, cursor)
         elif live == "sse":
-            await self._sse(receive, send, path, offset, cursor)
+            await self._sse(scope, receive, send, path, offset, cursor)
         else:
             await self._catch_up(send, path, offset, headers)
 
@@ -382,6 +383,7 @@ class StreamsApp:
 
     async def _sse(
         self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         path: str,
@@ -402,6 +404,8 @@ class StreamsApp:
             async def emit(event: bytes) -> None:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
 
+            writer = raw_body_writer(scope)
+
             async def pump() -> None:
                 after = start_position(offset, meta)
                 wait_s = 0.0
@@ -420,6 +424,11 @@ class StreamsApp:
                     after = chunk.next_offset
                     if chunk.closed:
                         return
+                    if writer is not None and chunk.up_to_date:
+                        follower = _SseFollower(self, meta, after, cursor, binary, writer)
+                        after, timed_out = await follower.follow(session, wait_s)
+                        if timed_out:
+                            await emit(_control_event(after, next_cursor(cursor), True, False))
 
             pump_task = asyncio.create_task(pump())
             disconnect_task = asyncio.create_task(_wait_for_disconnect(receive))
@@ -460,6 +469,63 @@ class StreamsApp:
         if chunk.closed:
             out["Stream-Closed"] = "true"
         return out
+
+
+class _SseFollower:
+    """An SSE reader at the tail, written to by each commit directly (hub `Follower`)
+    while the writer accepts; its task sleeps meanwhile."""
+
+    def __init__(
+        self,
+        app: StreamsApp,
+        meta: StreamMeta,
+        after: int,
+        cursor: str | None,
+        binary: bool,
+        writer: RawBodyWriter,
+    ) -> None:
+        self._app = app
+        self._meta = meta
+        self.after = after
+        self._cursor = cursor
+        self._binary = binary
+        self._writer = writer
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def follow(self, session: LiveSession, timeout_s: float) -> tuple[int, bool]:
+        """Follow until a change cannot be written directly, or until `timeout_s` passes
+        with none; returns the offset written up to, and whether the wait timed out."""
+        if not session.follow(self, self.after):
+            return self.after, False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._done
+        except TimeoutError:
+            return self.after, True
+        finally:
+            session.unfollow(self)
+        return self.after, False
+
+    def deliver(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> bool:
+        # Only the plain case: new messages right after what this reader has. Anything
+        # else (a close, a gap, a change from another process) goes to the reader's task.
+        if closed or not messages or prev_tail != self.after:
+            return self._decline()
+        chunk = Chunk(messages, tail, True, False)
+        event = self._app._data_event(self._meta, self.after, chunk, self._binary)
+        event += _control_event(tail, next_cursor(self._cursor), True, False)
+        if not self._writer.write(event):
+            return self._decline()
+        self.after = tail
+        return True
+
+    def stop(self) -> None:
+        self._decline()
+
+    def _decline(self) -> bool:
+        if not self._done.done():
+            self._done.set_result(None)
+        return False
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -15,13 +15,28 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import asyncpg
 
 from electric_agents.streams.model import Message
 
 log = logging.getLogger(__name__)
+
+
+class Follower(Protocol):
+    """A reader written to straight from the commit that published a change (SSE fan-out),
+    instead of being woken to read it. It is dropped as soon as it declines a change, and
+    then reads like any other waiter."""
+
+    def deliver(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> bool:
+        """Take a committed change; False (and nothing written) if it cannot."""
+        ...
+
+    def stop(self) -> None:
+        """No more changes will be delivered (the watch went stale)."""
+        ...
+
 
 CHANNEL = "ds_stream_changes"
 _RECENT_MAX_MESSAGES = 256
@@ -56,6 +71,7 @@ class Watch:
         self.recent: deque[Message] = deque()
         self.recent_start = -1
         self._recent_bytes = 0
+        self.followers: list[Follower] = []
 
     def observe(self, tail: int, closed: bool) -> None:
         """Fold in state read from the database after this watch was registered."""
@@ -95,6 +111,14 @@ class Watch:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def mark_stale(self) -> None:
+        """Deleted, or notifications were interrupted: every reader re-checks the database."""
+        self.stale = True
+        followers, self.followers = self.followers, []
+        for follower in followers:
+            follower.stop()
+        self._fire()
+
     def _apply(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> None:
         if messages and prev_tail == self.tail:
             for message in messages:
@@ -113,6 +137,10 @@ class Watch:
             self.recent_start = tail
         self.tail = max(self.tail, tail)
         self.closed = self.closed or closed
+        if self.followers:
+            self.followers = [
+                f for f in self.followers if f.deliver(prev_tail, messages, tail, closed)
+            ]
         self._fire()
 
 
@@ -168,8 +196,7 @@ class StreamHub:
     def publish_deleted(self, path: str) -> None:
         watch = self._watches.get(path)
         if watch is not None:
-            watch.stale = True
-            watch._fire()
+            watch.mark_stale()
         self._tell(StreamChange("deleted", path))
 
     # Cross-process notifications -------------------------------------------------------
@@ -242,8 +269,7 @@ class StreamHub:
     def _wake_all(self) -> None:
         # After a gap in notifications, let every live reader re-check the database.
         for watch in self._watches.values():
-            watch.stale = True
-            watch._fire()
+            watch.mark_stale()
 
     async def stop(self) -> None:
         if self._keeper is not None:

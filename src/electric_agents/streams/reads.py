@@ -10,7 +10,7 @@ import asyncpg
 
 from electric_agents.db.held import HeldConnections
 from electric_agents.streams import store
-from electric_agents.streams.hub import StreamHub, Watch
+from electric_agents.streams.hub import Follower, StreamHub, Watch
 from electric_agents.streams.lifecycle import require_live
 from electric_agents.streams.model import Message, StreamMeta
 from electric_agents.streams.read_cache import ReadCache
@@ -130,6 +130,21 @@ class LiveSession:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await watch.wait(remaining):
                 return None
+
+    def follow(self, follower: Follower, after: int) -> bool:
+        """Have `follower` handed each change from `after` on as it commits, instead of
+        reading it; False if the reader is not exactly at a live, open tail."""
+        watch = self._watch
+        assert watch is not None
+        if watch.stale or watch.closed or watch.tail != after:
+            return False
+        watch.followers.append(follower)
+        return True
+
+    def unfollow(self, follower: Follower) -> None:
+        watch = self._watch
+        if watch is not None and follower in watch.followers:
+            watch.followers.remove(follower)
 
     async def _read(self, after: int) -> Chunk:
         watch, meta = self._watch, self.meta
