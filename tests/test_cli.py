@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +195,62 @@ def test_streams_mounts_streams_at_v1_stream(
     assert outside.status_code == 404
     assert client.get(f"{streams_server.origin}/{name}").status_code == 404
     assert client.get(f"{streams_server.origin}/_electric/health").status_code == 200
+
+
+# --- stopping ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_stop_ends_live_reads_at_once_instead_of_waiting_them_out(
+    server_factory: ServerFactory, client: httpx.Client
+) -> None:
+    """SIGTERM with an SSE reader, a long-poll and a live shape request open (a web UI's
+    usual connections, each set to wait a minute): each is answered at once and the server
+    exits well inside its 5 s graceful-shutdown timeout."""
+    server = server_factory("serve", long_poll_timeout_ms=60_000)
+    url = server.url(unique_name("stopping"))
+    assert client.put(url, content=b"seed", headers=TEXT).status_code == 201
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    shape = f"{server.origin}/_electric/electric/v1/shape"
+    first = client.get(shape, params={"table": "entities", "offset": "-1"})
+    assert first.status_code == 200, first.text
+    live_shape = {
+        "table": "entities",
+        "handle": first.headers["electric-handle"],
+        "offset": first.headers["electric-offset"],
+        "live": "true",
+    }
+    outcomes: dict[str, object] = {}
+    sse_open = threading.Event()
+
+    def read_sse() -> None:
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("GET", url, params={"offset": tail, "live": "sse"}) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("event: control"):
+                    sse_open.set()
+            outcomes["sse"] = "ended"
+
+    def long_poll() -> None:
+        with httpx.Client(timeout=30) as http:
+            params = {"offset": tail, "live": "long-poll"}
+            outcomes["long-poll"] = http.get(url, params=params).status_code
+
+    def shape_poll() -> None:
+        with httpx.Client(timeout=30) as http:
+            outcomes["shape"] = http.get(shape, params=live_shape).status_code
+
+    threads = [threading.Thread(target=f) for f in (read_sse, long_poll, shape_poll)]
+    for thread in threads:
+        thread.start()
+    assert sse_open.wait(10)
+    time.sleep(0.5)  # the long-poll and the shape request reach the server and park
+    started = time.monotonic()
+    assert server.stop() == 0
+    elapsed = time.monotonic() - started
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {"sse": "ended", "long-poll": 204, "shape": 200}
+    assert elapsed < 3, f"stopping took {elapsed:.1f} s"

@@ -413,6 +413,31 @@ async def test_after_a_restart_the_agent_continues_the_key_counters(
     assert_state_protocol(events)
 
 
+async def test_a_restart_mid_queue_leaves_no_wake_behind_a_lease(
+    mock_server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    """The wake running at SIGTERM ends after its current run and reports done while the
+    server still listens, acknowledging nothing, so the rest of the queue is delivered again
+    by the next boot at once, not after the 30 s wake lease."""
+    url = await spawn_chat(http, mock_server)
+    send = f"{mock_server.origin}/_electric/entities{url}/send"
+    queued = 40
+    for i in range(queued):
+        response = await http.post(
+            send, json={"payload": f"q{i}", "key": f"q{i}", "mode": "queued"}
+        )
+        assert response.status_code == 204, response.text
+    await wait_for_runs(http, mock_server, url, 2)
+
+    mock_server.restart()
+    events = await read_events(http, mock_server, f"{url}/main")
+    assert 2 <= len(completed_runs(events)) < queued, "the restart did not land mid-queue"
+    events = await wait_for_runs(http, mock_server, url, queued)
+    assert completed_runs(events) == [f"run-{i}" for i in range(queued)]
+    assert_state_protocol(events)
+    await wait_for_status(http, mock_server, url, "idle")
+
+
 # --- bad deliveries ----------------------------------------------------------------------------
 
 

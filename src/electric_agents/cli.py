@@ -118,6 +118,7 @@ def run_server(settings: Settings, *, banner: str) -> int:
     from electric_agents.db.embedded import EmbeddedPostgres
     from electric_agents.http.app import ServerApp
     from electric_agents.http.direct import protocol_for
+    from electric_agents.http.server import AppServer
 
     try:
         sock, settings = _bind(settings)
@@ -156,7 +157,7 @@ def run_server(settings: Settings, *, banner: str) -> int:
             timeout_graceful_shutdown=5,
             proxy_headers=False,
         )
-        server = uvicorn.Server(config)
+        server = AppServer(config, app)
         # uvicorn handles SIGINT/SIGTERM while it serves, then re-raises the signal against
         # the handlers it found. Make those no-ops so we get here and stop Postgres cleanly.
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -196,6 +196,9 @@ class MockChatAgent:
         log.info("mock chat agent registered at %s", MOCK_AGENT_HANDLER_PATH)
 
     async def stop(self) -> None:
+        """Refuse new wakes; the running ones end after their current run and report done
+        (the server still listens, `ServerApp.begin_stopping`), or are cancelled after
+        `DRAIN_TIMEOUT_S`. Safe to call again."""
         self._stopping = True
         if not self._tasks:
             return
@@ -238,6 +241,9 @@ class MockChatAgent:
 
     async def _process(self, wake: ChatWake) -> None:
         write_token = await self._claim(wake)
+        # Whether every message this wake saw got its run; if shutdown cut the queue short,
+        # done acknowledges nothing, so the rest is pending and delivered again at once.
+        answered_all: bool | None = True
         try:
             producer = _IdempotentProducer(
                 self._runtime.http,
@@ -254,18 +260,24 @@ class MockChatAgent:
             # Then the queue, one message per run, re-reading in between: a client may
             # reorder, pause or delete queued messages meanwhile.
             for _ in range(MAX_PROMOTIONS_PER_WAKE):
-                if state.queue_head is None or self._stopping:
+                if state.queue_head is None:
+                    break
+                if self._stopping:
+                    answered_all = False
                     break
                 now = iso_from_datetime(datetime.now(UTC))
                 await producer.append(promotion_event(state.queue_head, now))
                 await self._write_run(producer, counters)
                 events = await self._read_stream(wake.stream_path)
                 state = inbox_state(events)
+        except asyncio.CancelledError:
+            # Cut off by the drain timeout: the wake is left to its lease and delivered
+            # again then (the runtime skips done when aborted, spec/04 §1.5 step 8).
+            answered_all = None
+            raise
         finally:
-            if not self._stopping:
-                # On shutdown the wake is left to its lease, so it is delivered again
-                # (the runtime skips done when aborted, spec/04 §1.5 step 8).
-                await self._done(wake)
+            if answered_all is not None:
+                await self._done(wake, acknowledge=answered_all)
 
     @staticmethod
     async def _write_run(producer: _IdempotentProducer, counters: KeyCounters) -> None:
@@ -302,14 +314,11 @@ class MockChatAgent:
                 return events
             offset = next_offset
 
-    async def _done(self, wake: ChatWake) -> None:
+    async def _done(self, wake: ChatWake, *, acknowledge: bool) -> None:
+        acks = [{"path": wake.stream_path, "offset": wake.offset}] if acknowledge else []
         response = await self._runtime.http.post(
             wake.callback,
-            json={
-                "epoch": wake.epoch,
-                "acks": [{"path": wake.stream_path, "offset": wake.offset}],
-                "done": True,
-            },
+            json={"epoch": wake.epoch, "acks": acks, "done": True},
             headers={"authorization": f"Bearer {wake.claim_token}"},
         )
         if response.status_code != 200:

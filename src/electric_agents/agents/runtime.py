@@ -41,6 +41,12 @@ class AgentsRuntime:
         # bridges use it to see which membership streams are being read).
         self.read_observers: list[Callable[[str], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Called when the server starts stopping, to end requests that wait for changes.
+        self.live_request_enders: list[Callable[[], None]] = []
+
+    def end_live_requests(self) -> None:
+        for end in self.live_request_enders:
+            end()
 
     def add_worker(self, name: str, worker: Worker) -> None:
         """Run `worker` (a long-lived coroutine) from startup until shutdown."""

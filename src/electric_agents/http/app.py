@@ -105,10 +105,23 @@ class ServerApp:
         """`serve` runs the agents control plane; `streams` is the stream engine alone."""
         return self.settings.stream_prefix == ""
 
+    async def begin_stopping(self) -> None:
+        """The server is about to stop and still listens. Requests waiting for changes
+        (long-poll and SSE reads, live shape requests) answer now, so their connections can
+        close without waiting out the graceful-shutdown timeout; the in-process mock agent
+        finishes its wakes now, because its callbacks to this server need the listener."""
+        if self.engine is not None:
+            self.engine.hub.end_live_reads()
+        if self.agents is not None:
+            self.agents.end_live_requests()
+        if self.mock_agent is not None:
+            await self.mock_agent.stop()
+
     async def shutdown(self) -> None:
         self.ready = False
         if self.mock_agent is not None:
-            await self.mock_agent.stop()  # before the runtime's http client closes
+            await self.mock_agent.stop()  # before the runtime's http client closes (again:
+            # begin_stopping ran it unless the server stopped another way)
         if self.agents is not None:
             await self.agents.stop()
         if self.subscriptions is not None:

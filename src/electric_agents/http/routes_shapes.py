@@ -17,6 +17,7 @@ MAX_LIVE_TIMEOUT_S = 20.0
 def routes(runtime: AgentsRuntime) -> list[Route]:
     shape_log = ShapeLog(runtime.pool)
     runtime.add_worker("shape-log-sequencer", shape_log.run)
+    runtime.live_request_enders.append(shape_log.end_waits)
     live_timeout_s = min(MAX_LIVE_TIMEOUT_S, runtime.settings.long_poll_timeout_ms / 1000)
     service = ShapeService(runtime.pool, shape_log, live_timeout_s)
 

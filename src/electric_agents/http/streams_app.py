@@ -413,6 +413,8 @@ class StreamsApp:
                     chunk = await session.next_chunk(after, wait_s)
                     wait_s = self.long_poll_timeout_s
                     if chunk is None:
+                        if session.ending:
+                            return
                         await emit(_control_event(after, next_cursor(cursor), True, False))
                         continue
                     event = b""

@@ -94,6 +94,7 @@ class ShapeLog:
         self._nudged = asyncio.Event()
         # True while `head` follows the log (LISTEN connected, sequenced at least once).
         self._following = False
+        self._ending = False  # the server is stopping (`end_waits`)
 
     async def current_head(self) -> int:
         """The sequenced head: this process's view while it follows NOTIFYs, else read."""
@@ -111,13 +112,19 @@ class ShapeLog:
             self._advanced.set()
             self._advanced = asyncio.Event()
 
+    def end_waits(self) -> None:
+        """The server is stopping: live shape requests answer now, as on a timeout."""
+        self._ending = True
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
     async def wait_beyond(self, position: int, timeout_s: float) -> bool:
         """Wait until the head passes `position`; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.head <= position:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._ending:
                 return False
             try:
                 await asyncio.wait_for(self._advanced.wait(), remaining)

@@ -154,6 +154,8 @@ class StreamHub:
         self._keeper: asyncio.Task[None] | None = None
         self._database_url = ""
         self._change_listeners: list[ChangeListener] = []
+        # Set when the server stops: live reads return at once instead of waiting.
+        self.ending = False
 
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call `listener` for every committed append, close, create and delete, from this
@@ -265,6 +267,16 @@ class StreamHub:
                 self._wake_all()
             except (OSError, asyncpg.PostgresError) as error:
                 log.warning("stream change listener cannot reconnect yet: %s", error)
+
+    def end_live_reads(self) -> None:
+        """The server is stopping: every live read returns now, as if its wait had timed
+        out, so connections close without waiting out the graceful-shutdown timeout."""
+        self.ending = True
+        for watch in self._watches.values():
+            followers, watch.followers = watch.followers, []
+            for follower in followers:
+                follower.stop()
+            watch._fire()
 
     def _wake_all(self) -> None:
         # After a gap in notifications, let every live reader re-check the database.

@@ -127,6 +127,8 @@ class LiveSession:
                 return await self._read(after)
             if watch.closed:
                 return Chunk([], watch.tail, True, True)
+            if self._hub.ending:
+                return None
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await watch.wait(remaining):
                 return None
@@ -136,10 +138,15 @@ class LiveSession:
         reading it; False if the reader is not exactly at a live, open tail."""
         watch = self._watch
         assert watch is not None
-        if watch.stale or watch.closed or watch.tail != after:
+        if self._hub.ending or watch.stale or watch.closed or watch.tail != after:
             return False
         watch.followers.append(follower)
         return True
+
+    @property
+    def ending(self) -> bool:
+        """The server is stopping; a live response should end after what it has."""
+        return self._hub.ending
 
     def unfollow(self, follower: Follower) -> None:
         watch = self._watch
