@@ -8,6 +8,10 @@
 //   append  POST fixed-size bodies to one stream (--url) for --warmup-s + --duration-s,
 //           optionally with idempotent-producer headers (--producer).
 //   create  PUT --count new streams named <--url>-<i> (tiny body), as fast as possible.
+//   catchup --connections clients read the whole stream at --url from offset -1 at once,
+//           following Stream-Next-Offset until Stream-Up-To-Date; --rounds times, after one
+//           untimed round, in --threads worker threads. Each read should come to
+//           --expected-bytes.
 //
 // Output (stdout, one JSON object per line):
 //   {"event":"measure-start","cpu_s":..}  warm-up over, the measured window begins
@@ -15,6 +19,7 @@
 //   {"event":"result", ...}     summary (counts, ops/s, latency percentiles in ms)
 import { parseArgs } from "node:util"
 import { performance } from "node:perf_hooks"
+import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads"
 import { Client } from "undici"
 
 const { values } = parseArgs({
@@ -29,6 +34,9 @@ const { values } = parseArgs({
     producer: { type: "boolean", default: false },
     "producer-prefix": { type: "string", default: "bench" },
     count: { type: "string", default: "1000" },
+    rounds: { type: "string", default: "10" },
+    "expected-bytes": { type: "string", default: "0" },
+    threads: { type: "string", default: "2" },
     "timeout-s": { type: "string", default: "600" },
   },
 })
@@ -220,11 +228,119 @@ async function runCreate() {
   }
 }
 
+/** One client's whole catch-up read: {ms, bytes, requests}, or throws. */
+async function readAll(client) {
+  const t0 = performance.now()
+  let offset = "-1"
+  let bytes = 0
+  let requests = 0
+  for (;;) {
+    const res = await client.request({
+      path: `${target.pathname}?offset=${encodeURIComponent(offset)}`,
+      method: "GET",
+      headers: { "accept-encoding": "identity" },
+    })
+    requests += 1
+    // Count the bytes as they arrive; keeping them is not part of the measurement.
+    for await (const chunk of res.body) bytes += chunk.length
+    if (res.statusCode !== 200) throw new Error(`catch-up GET -> ${res.statusCode}`)
+    const next = res.headers["stream-next-offset"]
+    if (res.headers["stream-up-to-date"] === "true" || !next) break
+    offset = next
+  }
+  return { ms: performance.now() - t0, bytes, requests }
+}
+
+// The catch-up readers run in --threads worker threads (the connections split among them):
+// one thread reading 50 x 2 MB responses is slower than either server sends them.
+async function runCatchup() {
+  const rounds = Number(values.rounds)
+  const threads = Math.max(1, Math.min(Number(values.threads), connections))
+  const workers = Array.from({ length: threads }, (_, t) => {
+    const share = Math.floor(connections / threads) + (t < connections % threads ? 1 : 0)
+    return new Worker(new URL(import.meta.url), {
+      workerData: { url: values.url, connections: share },
+      argv: process.argv.slice(2),
+    })
+  })
+  // Every thread reads once per round; resolves with all their reads.
+  function round() {
+    return Promise.all(
+      workers.map(
+        (worker) =>
+          new Promise((resolve, reject) => {
+            worker.once("error", reject)
+            worker.once("message", (reads) => {
+              worker.off("error", reject)
+              resolve(reads)
+            })
+            worker.postMessage("read")
+          }),
+      ),
+    ).then((perThread) => perThread.flat())
+  }
+  const expected = Number(values["expected-bytes"])
+  const latencies = []
+  const requestCounts = new Set()
+  let bytes = 0
+  let incomplete = 0
+  let wallMs = 0
+  // The untimed round opens every connection and warms both sides.
+  await round()
+  mark("measure-start")
+  for (let r = 0; r < rounds; r++) {
+    const start = performance.now()
+    const reads = await round()
+    wallMs += performance.now() - start
+    for (const read of reads) {
+      latencies.push(read.ms)
+      bytes += read.bytes
+      requestCounts.add(read.requests)
+      if (expected && read.bytes !== expected) incomplete += 1
+    }
+  }
+  mark("measure-end")
+  await Promise.all(workers.map((w) => w.terminate()))
+  return {
+    mode: "catchup",
+    connections,
+    threads,
+    rounds,
+    bytes,
+    wall_s: wallMs / 1000,
+    mb_per_s: bytes / (wallMs / 1000) / 1e6,
+    incomplete,
+    requests_per_client: [...requestCounts].sort((a, b) => a - b),
+    latency_ms: summarize(latencies),
+  }
+}
+
+/** A catch-up worker thread: on each "read", its clients read the stream at once. */
+function serveCatchupReads() {
+  const clients = Array.from({ length: workerData.connections }, newClient)
+  parentPort.on("message", async () => {
+    parentPort.postMessage(await Promise.all(clients.map(readAll)))
+  })
+}
+
 const hardStop = setTimeout(() => {
   console.error("load generator exceeded its time limit")
   process.exit(3)
 }, Number(values["timeout-s"]) * 1000 + 30_000)
 hardStop.unref()
 
-const result = values.mode === "create" ? await runCreate() : await runAppend()
-emit({ event: "result", ...result })
+if (!isMainThread) {
+  serveCatchupReads()
+} else {
+  await main()
+}
+
+async function main() {
+  const runners = { append: runAppend, create: runCreate, catchup: runCatchup }
+  if (!(values.mode in runners)) {
+    console.error(`unknown --mode ${values.mode}`)
+    process.exit(2)
+  }
+  const result = await runners[values.mode]()
+  emit({ event: "result", ...result })
+}
