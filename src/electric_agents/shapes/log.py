@@ -108,13 +108,15 @@ class ShapeLog:
     def _head_seen(self, head: int) -> None:
         if head > self.head:
             self.head = head
-            # Wake everyone waiting, then start a fresh event for the next advance.
-            self._advanced.set()
-            self._advanced = asyncio.Event()
+            self._wake_waiters()
 
     def end_waits(self) -> None:
         """The server is stopping: live shape requests answer now, as on a timeout."""
         self._ending = True
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        # Wake everyone waiting, then start a fresh event for the next advance.
         self._advanced.set()
         self._advanced = asyncio.Event()
 

@@ -114,6 +114,10 @@ class Watch:
     def mark_stale(self) -> None:
         """Deleted, or notifications were interrupted: every reader re-checks the database."""
         self.stale = True
+        self.release_readers()
+
+    def release_readers(self) -> None:
+        """Followers are no longer written to and every waiting reader wakes."""
         followers, self.followers = self.followers, []
         for follower in followers:
             follower.stop()
@@ -273,10 +277,7 @@ class StreamHub:
         out, so connections close without waiting out the graceful-shutdown timeout."""
         self.ending = True
         for watch in self._watches.values():
-            followers, watch.followers = watch.followers, []
-            for follower in followers:
-                follower.stop()
-            watch._fire()
+            watch.release_readers()
 
     def _wake_all(self) -> None:
         # After a gap in notifications, let every live reader re-check the database.
