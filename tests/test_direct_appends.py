@@ -457,3 +457,118 @@ def test_half_closed_connection_is_answered_then_closed(
         assert response.status == status
         assert connection.closed_by_server()
     assert read_all(client, stream.url)[0] == b"hc"
+
+
+# --- Long-poll answered from the commit ---------------------------------------------------
+# A long-poll parked at the tail is answered by the commit that brings the next messages,
+# in one write, instead of by its own task through the ASGI send. It must be the same answer.
+
+# Long enough for a long-poll sent on loopback to be parked at the tail before the append.
+PARK_S = 0.3
+
+
+def long_poll(path: str, offset: str, headers: dict[str, str] | None = None) -> bytes:
+    return request("GET", f"{path}?offset={offset}&live=long-poll", headers=headers)
+
+
+def test_long_poll_answered_by_the_commit_is_the_answer_a_read_gives(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    stream = new_stream(shared_server, client, "application/json")
+    start = tail_offset(client, stream.url)
+    parked = raw()
+    parked.send(long_poll(stream.path, start))
+    time.sleep(PARK_S)
+    posted = client.post(stream.url, content=b'[{"a":1},{"b":"two"}]', headers=JSON)
+    assert posted.status_code == 204
+    from_commit = parked.response()
+    # The same request now finds the messages stored and is answered by its own task.
+    later = raw()
+    later.send(long_poll(stream.path, start))
+    from_read = later.response()
+    assert from_commit.status == from_read.status == 200
+    assert orjson.loads(from_commit.body) == [{"a": 1}, {"b": "two"}]
+    assert from_commit.body == from_read.body
+    assert [n for n, _ in from_commit.header_list] == [n for n, _ in from_read.header_list]
+    for name, value in from_read.header_list:
+        if name not in ("date", "stream-cursor"):
+            assert from_commit.headers[name] == value, name
+    assert from_commit.headers["stream-next-offset"] == posted.headers["Stream-Next-Offset"]
+    assert from_commit.headers["stream-up-to-date"] == "true"
+    assert from_commit.headers["stream-cursor"].isdigit()
+    # The connection goes on serving.
+    parked.send(request("HEAD", stream.path))
+    assert (
+        parked.response(head=True).headers["stream-next-offset"]
+        == posted.headers["Stream-Next-Offset"]
+    )
+
+
+def test_request_pipelined_behind_a_parked_long_poll_is_answered_after_it(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    stream = new_stream(shared_server, client)
+    start = tail_offset(client, stream.url)
+    connection = raw()
+    connection.send(long_poll(stream.path, start) + request("HEAD", stream.path))
+    time.sleep(PARK_S)
+    tail = client.post(stream.url, content=b"news", headers=TEXT).headers["Stream-Next-Offset"]
+    answer, head = connection.response(), connection.response(head=True)
+    assert (answer.status, answer.body) == (200, b"news")
+    assert head.status == 200 and head.headers["stream-next-offset"] == tail
+    connection.send(long_poll(stream.path, start))
+    assert connection.response().body == b"news"
+
+
+def test_parked_long_poll_with_connection_close_is_answered_then_closed(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    stream = new_stream(shared_server, client)
+    connection = raw()
+    connection.send(
+        long_poll(stream.path, tail_offset(client, stream.url), {"Connection": "close"})
+    )
+    time.sleep(PARK_S)
+    client.post(stream.url, content=b"bye", headers=TEXT)
+    answer = connection.response()
+    assert (answer.status, answer.body) == (200, b"bye")
+    assert answer.headers["connection"] == "close"
+    assert connection.closed_by_server()
+
+
+def test_one_commit_answers_every_parked_long_poll_and_skips_a_gone_client(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    stream = new_stream(shared_server, client)
+    start = tail_offset(client, stream.url)
+    parked = [raw() for _ in range(20)]
+    gone = raw()
+    for connection in [*parked, gone]:
+        connection.send(long_poll(stream.path, start))
+    time.sleep(PARK_S)
+    gone.close()
+    time.sleep(0.05)
+    tail = client.post(stream.url, content=b"all", headers=TEXT).headers["Stream-Next-Offset"]
+    for connection in parked:
+        answer = connection.response()
+        assert (answer.status, answer.body) == (200, b"all")
+        assert answer.headers["stream-next-offset"] == tail
+    assert client.post(stream.url, content=b"+", headers=TEXT).status_code == 204
+    assert read_all(client, stream.url)[0] == b"all+"
+
+
+def test_parked_long_poll_sees_a_closing_append_as_the_final_answer(
+    shared_server: ServerProcess, client: httpx.Client, raw
+) -> None:
+    """A change that closes the stream is not the commit's to answer; the reader's own task
+    answers it, with the closed marker and no cursor."""
+    stream = new_stream(shared_server, client)
+    connection = raw()
+    connection.send(long_poll(stream.path, tail_offset(client, stream.url)))
+    time.sleep(PARK_S)
+    closing = client.post(stream.url, content=b"the end", headers={**TEXT, "Stream-Closed": "true"})
+    assert closing.status_code == 204
+    answer = connection.response()
+    assert (answer.status, answer.body) == (200, b"the end")
+    assert answer.headers["stream-closed"] == "true"
+    assert "stream-cursor" not in answer.headers

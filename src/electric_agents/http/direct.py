@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # The ASGI scope extension that carries a `RawBodyWriter`.
 RAW_BODY_WRITER = "electric.raw_body_writer"
+# The ASGI scope extension that carries a `WholeResponseWriter`.
+WHOLE_RESPONSE_WRITER = "electric.whole_response_writer"
 # A raw write is declined above this much unsent output, leaving the wait to the ASGI send.
 RAW_WRITE_BUFFER_LIMIT = 64 * 1024
 # How long a connection refused for its head keeps draining input before it is closed.
@@ -127,6 +129,61 @@ def raw_body_writer(scope: dict[str, Any]) -> RawBodyWriter | None:
     return extensions.get(RAW_BODY_WRITER) if extensions else None
 
 
+class WholeResponseWriter:
+    """Writes a whole fixed-length response in one socket write and completes uvicorn's
+    request cycle, in place of the ASGI send's two writes (head, then body).
+
+    Long-poll reads use it: the commit that a reader at the tail waits for hands it the new
+    messages (streams/hub.py `Follower`), and its answer goes out from there, before the
+    appenders are answered, without waking the reader's task. Once it has written, the
+    application must return without sending anything.
+    """
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, flow: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
+        self._flow = flow
+
+    def write(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write the response; False, with nothing written, if it cannot be written now
+        (then answer through the ASGI send as usual)."""
+        cycle = self._cycle
+        if (
+            cycle.response_started
+            or cycle.disconnected
+            or cycle.scope["method"] == "HEAD"
+            or self._flow.write_paused
+            or self._transport.is_closing()
+        ):
+            return False
+        parts = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            parts.append(name + b": " + value + b"\r\n")
+        if status not in (204, 304):
+            parts.append(b"content-length: %d\r\n" % len(body))
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        # What uvicorn's send does on a complete response, in its order.
+        cycle.response_started = True
+        cycle.response_complete = True
+        self._transport.write(b"".join(parts))
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self._transport.close()
+        cycle.on_response()
+        return True
+
+
+def whole_response_writer(scope: dict[str, Any]) -> WholeResponseWriter | None:
+    """The connection's whole-response writer for this request, when the server gives one."""
+    extensions = scope.get("extensions")
+    return extensions.get(WHOLE_RESPONSE_WRITER) if extensions else None
+
+
 class DirectAppendProtocol(HttpToolsProtocol):
     server_app: ServerApp  # set on the subclass made by `protocol_for`
 
@@ -212,10 +269,20 @@ class DirectAppendProtocol(HttpToolsProtocol):
     def _start_asgi_request(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
-        # An SSE read gets a writer for its body that bypasses the ASGI send.
-        if b"live=sse" in self.url and cycle is not None and cycle.scope is self.scope:
-            writer = RawBodyWriter(self.transport, cycle, self.flow)
-            self.scope.setdefault("extensions", {})[RAW_BODY_WRITER] = writer  # type: ignore[typeddict-unknown-key]
+        if cycle is None or cycle.scope is not self.scope:
+            return
+        # Live reads get writers that bypass the ASGI send: SSE for its body chunks,
+        # long-poll for its whole answer.
+        extension: tuple[str, RawBodyWriter | WholeResponseWriter] | None = None
+        if b"live=sse" in self.url:
+            extension = RAW_BODY_WRITER, RawBodyWriter(self.transport, cycle, self.flow)
+        elif b"live=long-poll" in self.url:
+            extension = (
+                WHOLE_RESPONSE_WRITER,
+                WholeResponseWriter(self.transport, cycle, self.flow),
+            )
+        if extension is not None:
+            self.scope.setdefault("extensions", {})[extension[0]] = extension[1]  # type: ignore[literal-required]
 
     def _direct_streams_app(self) -> StreamsApp | None:
         """The stream app, when this request may be answered directly: a POST, with no

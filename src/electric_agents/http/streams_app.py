@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -18,7 +19,12 @@ from urllib.parse import parse_qs, urlparse
 import orjson
 
 from electric_agents.errors import ApiError
-from electric_agents.http.direct import RawBodyWriter, raw_body_writer
+from electric_agents.http.direct import (
+    RawBodyWriter,
+    WholeResponseWriter,
+    raw_body_writer,
+    whole_response_writer,
+)
 from electric_agents.http.responses import (
     COMMON_HEADERS,
     Receive,
@@ -326,7 +332,7 @@ class StreamsApp:
         if live in ("long-poll", "sse") and offset is None:
             raise ApiError(400, "OFFSET_REQUIRED", "Live reads need an offset")
         if live == "long-poll":
-            await self._long_poll(send, path, offset, cursor)
+            await self._long_poll(scope, send, path, offset, cursor)
         elif live == "sse":
             await self._sse(scope, receive, send, path, offset, cursor)
         else:
@@ -354,32 +360,55 @@ class StreamsApp:
         await send_response(send, 200, out, response_body(meta, chunk))
 
     async def _long_poll(
-        self, send: Send, path: str, offset: int | str | None, cursor: str | None
+        self,
+        scope: Scope,
+        send: Send,
+        path: str,
+        offset: int | str | None,
+        cursor: str | None,
     ) -> None:
+        writer = whole_response_writer(scope)
         async with self.engine.live(path) as session:
             meta = session.meta
             assert meta is not None
             after = start_position(offset, meta)
-            chunk = await session.next_chunk(after, self.long_poll_timeout_s)
+            wait_s = self.long_poll_timeout_s
+            if writer is not None:
+                # At the tail, the commit that brings the next messages answers directly.
+                follower = _LongPollFollower(self, path, meta, offset, after, cursor, writer)
+                started = time.monotonic()
+                if await follower.wait(session, wait_s):
+                    return
+                wait_s = max(0.0, wait_s - (time.monotonic() - started))
+            chunk = await session.next_chunk(after, wait_s)
         if chunk is None:
-            await send_response(
-                send,
-                204,
-                {
-                    "Stream-Next-Offset": format_offset(after),
-                    "Stream-Up-To-Date": "true",
-                    "Stream-Cursor": next_cursor(cursor),
-                },
-            )
+            timed_out = {
+                "Stream-Next-Offset": format_offset(after),
+                "Stream-Up-To-Date": "true",
+                "Stream-Cursor": next_cursor(cursor),
+            }
+            await _send_whole(send, writer, 204, timed_out, b"")
             return
+        status, out, body = self._long_poll_response(meta, path, offset, after, cursor, chunk)
+        await _send_whole(send, writer, status, out, body)
+
+    def _long_poll_response(
+        self,
+        meta: StreamMeta,
+        path: str,
+        offset: int | str | None,
+        after: int,
+        cursor: str | None,
+        chunk: Chunk,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A long-poll's answer when it has something: new messages, or the closed EOF."""
         out = self._chunk_headers(meta, chunk)
         if not chunk.closed:
             out["Stream-Cursor"] = next_cursor(cursor)
         if not chunk.messages and chunk.closed:
-            await send_response(send, 204, out)
-            return
+            return 204, out, b""
         out["ETag"] = _etag(path, offset, after, chunk)
-        await send_response(send, 200, out, response_body(meta, chunk))
+        return 200, out, response_body(meta, chunk)
 
     async def _sse(
         self,
@@ -528,6 +557,82 @@ class _SseFollower:
         if not self._done.done():
             self._done.set_result(None)
         return False
+
+
+class _LongPollFollower:
+    """A long-poll reader at the tail, answered from the commit that brings its next
+    messages (hub `Follower`, written with a `WholeResponseWriter`) while its task sleeps.
+    It answers once, and only the plain case; for anything else its task reads and answers
+    as usual."""
+
+    def __init__(
+        self,
+        app: StreamsApp,
+        path: str,
+        meta: StreamMeta,
+        offset: int | str | None,
+        after: int,
+        cursor: str | None,
+        writer: WholeResponseWriter,
+    ) -> None:
+        self._app = app
+        self._path = path
+        self._meta = meta
+        self._offset = offset
+        self._after = after
+        self._cursor = cursor
+        self._writer = writer
+        self._answered = False
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def wait(self, session: LiveSession, timeout_s: float) -> bool:
+        """True once the reader has been answered; False if its task must answer (not at
+        the tail, a change this follower declined, or `timeout_s` passed)."""
+        if not session.follow(self, self._after):
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._done
+        except TimeoutError:
+            pass
+        finally:
+            session.unfollow(self)
+        return self._answered
+
+    def deliver(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> bool:
+        # New messages right after the reader's offset, on a stream still open. A close, a
+        # gap or a change from another process (no message bytes) is left to the task.
+        if not closed and messages and prev_tail == self._after:
+            chunk = Chunk(messages, messages[-1].offset, messages[-1].offset >= tail, False)
+            status, out, body = self._app._long_poll_response(
+                self._meta, self._path, self._offset, self._after, self._cursor, chunk
+            )
+            raw = encode_headers(out)
+            raw.extend(COMMON_HEADERS)
+            self._answered = self._writer.write(status, raw, body)
+        self.stop()
+        return False  # a long-poll answers once
+
+    def stop(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+async def _send_whole(
+    send: Send,
+    writer: WholeResponseWriter | None,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    """A fixed-length response in one write when the connection allows it, else through
+    the ASGI send."""
+    if writer is not None:
+        raw = encode_headers(headers)
+        raw.extend(COMMON_HEADERS)
+        if writer.write(status, raw, body):
+            return
+    await send_response(send, status, headers, body)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -143,9 +143,22 @@ class Watch:
         self.closed = self.closed or closed
         if self.followers:
             self.followers = [
-                f for f in self.followers if f.deliver(prev_tail, messages, tail, closed)
+                f for f in self.followers if _hand_over(f, prev_tail, messages, tail, closed)
             ]
         self._fire()
+
+
+def _hand_over(
+    follower: Follower, prev_tail: int, messages: list[Message], tail: int, closed: bool
+) -> bool:
+    """Deliver a change to one follower; a follower that fails is dropped (its reader's
+    task takes over), never the commit that publishes."""
+    try:
+        return follower.deliver(prev_tail, messages, tail, closed)
+    except Exception:
+        log.exception("stream follower failed; its reader reads for itself")
+        follower.stop()
+        return False
 
 
 class StreamHub:
