@@ -13,7 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ServerProcess, create_stream, read_all, read_json, sse_events, unique_name
+from conftest import (
+    ServerProcess,
+    create_stream,
+    read_all,
+    read_json,
+    sse_events,
+    tail_offset,
+    unique_name,
+)
 
 TEXT = {"Content-Type": "text/plain"}
 JSON = {"Content-Type": "application/json"}
@@ -376,3 +384,77 @@ async def test_sse_reader_that_stops_reading_falls_behind_and_catches_up_whole(
                 break
     assert data == read_all(client, url)[0]
     assert len(data) == 40 * 256 * 1024
+
+
+# --- Long-poll readers at the tail are answered by the commit itself ------------------------
+
+
+async def follow_long_poll(url: str, start: str, ready: asyncio.Event) -> tuple[bytes, str]:
+    """Long-polls from `start`, each from the last answer's next offset, until the stream is
+    closed: the data received and the final offset."""
+    data = b""
+    offset = start
+    cursor: str | None = None
+    async with httpx.AsyncClient(timeout=60) as http:
+        while True:
+            params = {
+                "offset": offset,
+                "live": "long-poll",
+                **({"cursor": cursor} if cursor else {}),
+            }
+            request = asyncio.ensure_future(http.get(url, params=params))
+            if not ready.is_set():  # the first long-poll has had time to park
+                await asyncio.sleep(0.05)
+                ready.set()
+            response = await request
+            assert response.status_code in (200, 204), response.text
+            data += response.content
+            offset = response.headers["Stream-Next-Offset"]
+            cursor = response.headers.get("Stream-Cursor")
+            if response.headers.get("Stream-Closed") == "true":
+                return data, offset
+
+
+@pytest.mark.timeout(120)
+async def test_long_poll_readers_following_burst_commits_get_every_message_once(
+    shared_server: ServerProcess, client: httpx.Client
+) -> None:
+    """Readers long-polling at the tail are answered by the commits themselves, several
+    messages at a time (and by their own tasks when a change is not the plain case, like the
+    close); chained from offset to offset they must rebuild exactly the stream."""
+    url = shared_server.url(unique_name("lp-follow"))
+    create_stream(client, url, "text/plain")
+    start = tail_offset(client, url)
+    readies = [asyncio.Event() for _ in range(8)]
+    readers = [asyncio.create_task(follow_long_poll(url, start, ready)) for ready in readies]
+    await asyncio.wait_for(asyncio.gather(*(ready.wait() for ready in readies)), 30)
+
+    # Bursts of appends sent at once on ten connections commit together, so a parked reader
+    # is handed several messages by one commit; the pauses let the readers park again.
+    target = url.removeprefix(shared_server.origin)
+    connections = [
+        await asyncio.open_connection("127.0.0.1", shared_server.port) for _ in range(10)
+    ]
+    try:
+        for burst in range(12):
+            for n, (_, out) in enumerate(connections):
+                body = f"<{burst}.{n}>".encode()
+                out.write(
+                    f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+            for incoming, _ in connections:
+                head = await incoming.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 204"), head
+            await asyncio.sleep(0.03)
+    finally:
+        for _, out in connections:
+            out.close()
+    async with httpx.AsyncClient(timeout=30) as http:
+        final = await close_stream(http, url)
+    stored, tail = read_all(client, url)
+    assert tail == final and stored.count(b"<") == 120
+    for data, last in await asyncio.gather(*readers):
+        assert last == final
+        assert data == stored
