@@ -146,9 +146,9 @@ class WholeResponseWriter:
         self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
         self._flow = flow
 
-    def write(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-        """Write the response; False, with nothing written, if it cannot be written now
-        (then answer through the ASGI send as usual)."""
+    def write(self, status: int, headers: dict[str, str], body: bytes) -> bool:
+        """Write the response (the common headers are added); False, with nothing written,
+        if it cannot be written now (then answer through the ASGI send as usual)."""
         cycle = self._cycle
         if (
             cycle.response_started
@@ -158,19 +158,11 @@ class WholeResponseWriter:
             or self._transport.is_closing()
         ):
             return False
-        parts = [STATUS_LINE[status]]
-        for name, value in (*cycle.default_headers, *headers):
-            parts.append(name + b": " + value + b"\r\n")
-        if status not in (204, 304):
-            parts.append(b"content-length: %d\r\n" % len(body))
-        if not cycle.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
+        data = response_bytes(status, cycle.default_headers, headers, body, cycle.keep_alive)
         # What uvicorn's send does on a complete response, in its order.
         cycle.response_started = True
         cycle.response_complete = True
-        self._transport.write(b"".join(parts))
+        self._transport.write(data)
         cycle.message_event.set()
         if not cycle.keep_alive:
             self._transport.close()
@@ -395,19 +387,32 @@ class DirectAppendProtocol(HttpToolsProtocol):
     def _write_response(
         self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool
     ) -> None:
-        parts = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            parts.append(name + b": " + value + b"\r\n")
-        for name, text in headers.items():
-            parts.append(f"{name.lower()}: {text}\r\n".encode("latin-1"))
-        parts.append(_COMMON_HEADER_BYTES)
-        if status not in (204, 304):
-            parts.append(b"content-length: %d\r\n" % len(body))
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        self.transport.write(b"".join(parts))
+        default_headers = self.server_state.default_headers
+        self.transport.write(response_bytes(status, default_headers, headers, body, keep_alive))
+
+
+def response_bytes(
+    status: int,
+    default_headers: list[tuple[bytes, bytes]],
+    headers: dict[str, str],
+    body: bytes,
+    keep_alive: bool,
+) -> bytes:
+    """A whole HTTP/1.1 response as uvicorn's send would write it: status line, uvicorn's
+    default headers, `headers`, the headers every response carries, the length, the body."""
+    parts = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        parts.append(name + b": " + value + b"\r\n")
+    for name, text in headers.items():
+        parts.append(f"{name.lower()}: {text}\r\n".encode("latin-1"))
+    parts.append(_COMMON_HEADER_BYTES)
+    if status not in (204, 304):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
 
 
 def protocol_for(server_app: ServerApp) -> type[DirectAppendProtocol]:

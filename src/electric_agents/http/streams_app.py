@@ -502,9 +502,37 @@ class StreamsApp:
         return out
 
 
-class _SseFollower:
-    """An SSE reader at the tail, written to by each commit directly (hub `Follower`)
-    while the writer accepts; its task sleeps meanwhile."""
+class _TailFollower:
+    """A live reader at the tail that the hub hands each commit to (hub `Follower`) while
+    its task sleeps, until the follower releases it."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self._released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def _follow(self, session: LiveSession, timeout_s: float) -> bool | None:
+        """Follow from `after` until released (True) or until `timeout_s` passes (False);
+        None if the reader is not exactly at a live tail (nothing was followed)."""
+        if not session.follow(self, self.after):
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._released
+        except TimeoutError:
+            return False
+        finally:
+            session.unfollow(self)
+        return True
+
+    def stop(self) -> None:
+        """Release the reader's task: it reads and answers for itself from here."""
+        if not self._released.done():
+            self._released.set_result(None)
+
+
+class _SseFollower(_TailFollower):
+    """An SSE reader at the tail, written to by each commit directly while the writer
+    accepts."""
 
     def __init__(
         self,
@@ -515,55 +543,39 @@ class _SseFollower:
         binary: bool,
         writer: RawBodyWriter,
     ) -> None:
+        super().__init__(after)
         self._app = app
         self._meta = meta
-        self.after = after
         self._cursor = cursor
         self._binary = binary
         self._writer = writer
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def follow(self, session: LiveSession, timeout_s: float) -> tuple[int, bool]:
         """Follow until a change cannot be written directly, or until `timeout_s` passes
         with none; returns the offset written up to, and whether the wait timed out."""
-        if not session.follow(self, self.after):
-            return self.after, False
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._done
-        except TimeoutError:
-            return self.after, True
-        finally:
-            session.unfollow(self)
-        return self.after, False
+        released = await self._follow(session, timeout_s)
+        return self.after, released is False
 
     def deliver(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> bool:
         # Only the plain case: new messages right after what this reader has. Anything
         # else (a close, a gap, a change from another process) goes to the reader's task.
         if closed or not messages or prev_tail != self.after:
-            return self._decline()
+            self.stop()
+            return False
         chunk = Chunk(messages, tail, True, False)
         event = self._app._data_event(self._meta, self.after, chunk, self._binary)
         event += _control_event(tail, next_cursor(self._cursor), True, False)
         if not self._writer.write(event):
-            return self._decline()
+            self.stop()
+            return False
         self.after = tail
         return True
 
-    def stop(self) -> None:
-        self._decline()
 
-    def _decline(self) -> bool:
-        if not self._done.done():
-            self._done.set_result(None)
-        return False
-
-
-class _LongPollFollower:
+class _LongPollFollower(_TailFollower):
     """A long-poll reader at the tail, answered from the commit that brings its next
-    messages (hub `Follower`, written with a `WholeResponseWriter`) while its task sleeps.
-    It answers once, and only the plain case; for anything else its task reads and answers
-    as usual."""
+    messages, in one write with a `WholeResponseWriter`. It answers once, and only the
+    plain case; for anything else its task reads and answers as usual."""
 
     def __init__(
         self,
@@ -575,47 +587,32 @@ class _LongPollFollower:
         cursor: str | None,
         writer: WholeResponseWriter,
     ) -> None:
+        super().__init__(after)
         self._app = app
         self._path = path
         self._meta = meta
         self._offset = offset
-        self._after = after
         self._cursor = cursor
         self._writer = writer
         self._answered = False
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def wait(self, session: LiveSession, timeout_s: float) -> bool:
         """True once the reader has been answered; False if its task must answer (not at
         the tail, a change this follower declined, or `timeout_s` passed)."""
-        if not session.follow(self, self._after):
-            return False
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._done
-        except TimeoutError:
-            pass
-        finally:
-            session.unfollow(self)
+        await self._follow(session, timeout_s)
         return self._answered
 
     def deliver(self, prev_tail: int, messages: list[Message], tail: int, closed: bool) -> bool:
         # New messages right after the reader's offset, on a stream still open. A close, a
         # gap or a change from another process (no message bytes) is left to the task.
-        if not closed and messages and prev_tail == self._after:
+        if not closed and messages and prev_tail == self.after:
             chunk = Chunk(messages, messages[-1].offset, messages[-1].offset >= tail, False)
             status, out, body = self._app._long_poll_response(
-                self._meta, self._path, self._offset, self._after, self._cursor, chunk
+                self._meta, self._path, self._offset, self.after, self._cursor, chunk
             )
-            raw = encode_headers(out)
-            raw.extend(COMMON_HEADERS)
-            self._answered = self._writer.write(status, raw, body)
+            self._answered = self._writer.write(status, out, body)
         self.stop()
         return False  # a long-poll answers once
-
-    def stop(self) -> None:
-        if not self._done.done():
-            self._done.set_result(None)
 
 
 async def _send_whole(
@@ -627,11 +624,8 @@ async def _send_whole(
 ) -> None:
     """A fixed-length response in one write when the connection allows it, else through
     the ASGI send."""
-    if writer is not None:
-        raw = encode_headers(headers)
-        raw.extend(COMMON_HEADERS)
-        if writer.write(status, raw, body):
-            return
+    if writer is not None and writer.write(status, headers, body):
+        return
     await send_response(send, status, headers, body)
 
 
