@@ -90,7 +90,24 @@ class DirectAppend:
         self.disconnected = False
 
 
-class RawBodyWriter:
+class _CycleWriter:
+    """Writes to a connection in place of uvicorn's ASGI send for one request cycle; every
+    write is declined while the client is gone or the connection cannot take more now."""
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, flow: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
+        self._flow = flow
+
+    def _connection_writable(self) -> bool:
+        return not (
+            self._cycle.disconnected or self._flow.write_paused or self._transport.is_closing()
+        )
+
+
+class RawBodyWriter(_CycleWriter):
     """Writes chunks of a streaming (chunked) response body straight to the connection.
 
     SSE fan-out uses it: a commit hands each following reader its event synchronously
@@ -100,22 +117,15 @@ class RawBodyWriter:
     write: the response is not chunked, the client is gone or the connection is congested.
     """
 
-    __slots__ = ("_cycle", "_flow", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, cycle: Any, flow: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
-        self._flow = flow
+    __slots__ = ()
 
     def write(self, body: bytes) -> bool:
         """Write one body chunk; False, with nothing written, if it cannot be written now."""
         cycle = self._cycle
         if (
             not cycle.chunked_encoding
-            or cycle.disconnected
             or cycle.response_complete
-            or self._flow.write_paused
-            or self._transport.is_closing()
+            or not self._connection_writable()
             or self._transport.get_write_buffer_size() > RAW_WRITE_BUFFER_LIMIT
         ):
             return False
@@ -129,7 +139,7 @@ def raw_body_writer(scope: dict[str, Any]) -> RawBodyWriter | None:
     return extensions.get(RAW_BODY_WRITER) if extensions else None
 
 
-class WholeResponseWriter:
+class WholeResponseWriter(_CycleWriter):
     """Writes a whole fixed-length response in one socket write and completes uvicorn's
     request cycle, in place of the ASGI send's two writes (head, then body).
 
@@ -139,12 +149,7 @@ class WholeResponseWriter:
     application must return without sending anything.
     """
 
-    __slots__ = ("_cycle", "_flow", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, cycle: Any, flow: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle  # uvicorn's RequestResponseCycle for this response
-        self._flow = flow
+    __slots__ = ()
 
     def write(self, status: int, headers: dict[str, str], body: bytes) -> bool:
         """Write the response (the common headers are added); False, with nothing written,
@@ -152,10 +157,8 @@ class WholeResponseWriter:
         cycle = self._cycle
         if (
             cycle.response_started
-            or cycle.disconnected
             or cycle.scope["method"] == "HEAD"
-            or self._flow.write_paused
-            or self._transport.is_closing()
+            or not self._connection_writable()
         ):
             return False
         data = response_bytes(status, cycle.default_headers, headers, body, cycle.keep_alive)
@@ -265,16 +268,15 @@ class DirectAppendProtocol(HttpToolsProtocol):
             return
         # Live reads get writers that bypass the ASGI send: SSE for its body chunks,
         # long-poll for its whole answer.
-        extension: tuple[str, RawBodyWriter | WholeResponseWriter] | None = None
+        writer: _CycleWriter
         if b"live=sse" in self.url:
-            extension = RAW_BODY_WRITER, RawBodyWriter(self.transport, cycle, self.flow)
+            name, writer = RAW_BODY_WRITER, RawBodyWriter(self.transport, cycle, self.flow)
         elif b"live=long-poll" in self.url:
-            extension = (
-                WHOLE_RESPONSE_WRITER,
-                WholeResponseWriter(self.transport, cycle, self.flow),
-            )
-        if extension is not None:
-            self.scope.setdefault("extensions", {})[extension[0]] = extension[1]  # type: ignore[literal-required]
+            name = WHOLE_RESPONSE_WRITER
+            writer = WholeResponseWriter(self.transport, cycle, self.flow)
+        else:
+            return
+        self.scope.setdefault("extensions", {})[name] = writer  # type: ignore[literal-required]
 
     def _direct_streams_app(self) -> StreamsApp | None:
         """The stream app, when this request may be answered directly: a POST, with no
